@@ -1,0 +1,57 @@
+// Every fastadv op schema, once. Kernels live in cpu/*.cpp and cuda/*.cu and
+// register with TORCH_LIBRARY_IMPL(fastadv, CPU|CUDA, m).
+//
+// Conventions shared by the Lp ops (the Python layer in fastadv/ops.py
+// guarantees them before calling):
+//   * x, x0, grad, delta, out are 2-D (B, N) row-major contiguous views of a
+//     batch: row b is sample b in memory order (so channels_last and
+//     contiguous batches need no copy); all share one dtype
+//     (float32 | float16 | bfloat16 | float64) and one device.
+//   * alpha, eps are float32 (B,) tensors: one value per sample.
+//   * lo, hi bound the box (-inf, +inf for no box). For projections the box is
+//     lo <= x0 + d <= hi and applies only when x0 is given.
+//   * every op writes its result into `out` (B, N), so an attack loop
+//     allocates nothing per step; arithmetic is float32 (float64 for float64).
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+namespace fastadv {
+
+static std::string build_info() {
+  std::string s = "cpu";
+#ifdef _OPENMP
+  s += "+openmp";
+#endif
+#ifdef FASTADV_WITH_CUDA
+  s += ",cuda";
+#endif
+  return s;
+}
+
+TORCH_LIBRARY(fastadv, m) {
+  m.def("build_info() -> str", &build_info);
+
+  // ---- Lp PGD steps and projections (issue: foundation) ----
+  m.def("linf_step(Tensor x, Tensor x0, Tensor grad, Tensor alpha, Tensor eps, float lo, float hi, Tensor(a!) out) -> ()");
+  m.def("l2_step(Tensor x, Tensor x0, Tensor grad, Tensor alpha, Tensor eps, float lo, float hi, Tensor(a!) out) -> ()");
+  m.def("l1_step(Tensor x, Tensor x0, Tensor grad, Tensor alpha, Tensor eps, float sparsity, float lo, float hi, Tensor(a!) out) -> ()");
+  m.def("project_linf(Tensor delta, Tensor eps, Tensor? x0, float lo, float hi, Tensor(a!) out) -> ()");
+  m.def("project_l2(Tensor delta, Tensor eps, Tensor? x0, float lo, float hi, Tensor(a!) out) -> ()");
+  m.def("project_l1(Tensor delta, Tensor eps, Tensor? x0, float lo, float hi, Tensor(a!) out) -> ()");
+
+  // ---- Sinkhorn / Wasserstein (issue: batched Sinkhorn) ----
+  // FASTADV_SINKHORN_SCHEMAS (schemas for the Sinkhorn ops go below this line)
+}
+
+}  // namespace fastadv
+
+// A plain extension module: importing fastadv._C runs the static registrations
+// above. No pybind11 module body is needed, which keeps compile time down.
+extern "C" {
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}

@@ -1,0 +1,204 @@
+"""Backend choice: triton | cuda | cpp | ref, with reasons.
+
+Every op registers one implementation per backend, all with the same
+signature (the op's schema in ``csrc/fastadv.cpp``). Each backend answers
+``not_supported_reasons(op, tensors)``; an empty list means it can run.
+
+* Automatic choice takes the first backend with no reasons, in the op's
+  preference order for the device (CUDA: triton, cuda, ref by default; CPU:
+  cpp, ref), so a missing extension falls back quietly.
+* A forced backend, from ``FASTADV_BACKEND`` or ``with fastadv.use_backend(...)``,
+  that cannot run raises ``BackendUnavailable`` listing every reason.
+* Under ``TRITON_INTERPRET=1`` the triton backend accepts CPU tensors, so CI
+  executes the Triton kernels when that backend is forced. It is never chosen
+  automatically for CPU tensors: interpreted Triton is for testing.
+
+The forced backend is read from module state (not a ContextVar) so that
+``torch.compile`` can trace through dispatch and guard on it as a constant.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from typing import Callable, Iterable
+
+import torch
+
+from fastadv import _ext
+
+BACKENDS = ("triton", "cuda", "cpp", "ref")
+_DEFAULT_ORDER = {"cuda": ("triton", "cuda", "ref"), "cpu": ("cpp", "ref")}
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_IMPLS: dict[str, dict[str, Callable]] = {}
+_ORDER: dict[str, dict[str, tuple[str, ...]]] = {}
+_forced_stack: list[str] = []
+
+
+class BackendUnavailable(RuntimeError):
+    """A forced backend cannot run this call; the message lists why."""
+
+
+def register(op: str, backend: str, impl: Callable) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    _IMPLS.setdefault(op, {})[backend] = impl
+
+
+def set_preference(op: str, device_type: str, order: Iterable[str]) -> None:
+    """Override the automatic order for ``op`` on ``device_type`` ('cuda' | 'cpu')."""
+    _ORDER.setdefault(op, {})[device_type] = tuple(order)
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source}={name!r} is not a backend; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+def forced_backend() -> str | None:
+    """The backend forced by ``use_backend`` (innermost) or FASTADV_BACKEND, else None."""
+    if _forced_stack:
+        return _forced_stack[-1]
+    env = os.environ.get("FASTADV_BACKEND", "").strip().lower()
+    if env in ("", "auto"):
+        return None
+    return _check_name(env, "FASTADV_BACKEND")
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Force a backend for every fastadv op called inside the block.
+
+    ``None`` or ``"auto"`` restores automatic choice inside the block.
+    """
+    name = "auto" if name is None else _check_name(str(name).lower(), "backend")
+    _forced_stack.append(name)
+    try:
+        yield
+    finally:
+        _forced_stack.pop()
+
+
+def triton_available() -> tuple[bool, str]:
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed (pip install triton)"
+    return True, ""
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _load_triton_impls() -> str | None:
+    """Import the Triton op registrations once; returns an error string or None."""
+    global _TRITON_ERROR
+    if _TRITON_ERROR is not _UNSET:
+        return _TRITON_ERROR
+    ok, why = triton_available()
+    if not ok:
+        _TRITON_ERROR = why
+        return why
+    try:
+        importlib.import_module("fastadv._triton_ops")
+        _TRITON_ERROR = None
+    except Exception as exc:  # a broken triton install must not break fastadv
+        _TRITON_ERROR = f"importing the Triton kernels failed: {type(exc).__name__}: {exc}"
+    return _TRITON_ERROR
+
+
+_UNSET = object()
+_TRITON_ERROR: object = _UNSET
+
+
+def not_supported_reasons(op: str, backend: str, tensors: Iterable[torch.Tensor]) -> list[str]:
+    """Why ``backend`` cannot run ``op`` on these tensors (empty list: it can)."""
+    tensors = [t for t in tensors if t is not None]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    dtype = tensors[0].dtype if tensors else torch.float32
+    reasons: list[str] = []
+    if backend == "triton":
+        err = _load_triton_impls()
+        if err:
+            reasons.append(err)
+        elif "triton" not in _IMPLS.get(op, {}):
+            reasons.append(f"no Triton kernel for {op}")
+        if device.type == "cpu" and not triton_interpreted():
+            reasons.append("tensors are on the CPU and TRITON_INTERPRET=1 is not set")
+        elif device.type not in ("cpu", "cuda"):
+            reasons.append(f"Triton does not run on {device.type} tensors")
+        if dtype not in _TRITON_DTYPES:
+            reasons.append(f"the Triton kernels take float32/float16/bfloat16, not {dtype}")
+    elif backend in ("cpp", "cuda"):
+        key = "CPU" if backend == "cpp" else "CUDA"
+        want = "cpu" if backend == "cpp" else "cuda"
+        if _ext.EXT_ERROR is not None:
+            reasons.append(_ext.EXT_ERROR)
+        elif backend not in _IMPLS.get(op, {}) or not _ext.has_kernel(op, key):
+            reasons.append(f"the extension has no {key} kernel for {op}")
+        if device.type != want:
+            reasons.append(f"the {backend} backend runs on {want} tensors, these are on {device}")
+    elif backend == "ref":
+        if "ref" not in _IMPLS.get(op, {}):
+            reasons.append(f"no reference implementation for {op}")
+    else:
+        raise ValueError(f"unknown backend {backend!r}")
+    return reasons
+
+
+def choose(op: str, tensors: Iterable[torch.Tensor]) -> str:
+    """The backend that will run ``op`` on these tensors (see module docstring)."""
+    tensors = [t for t in tensors if t is not None]
+    forced = forced_backend()
+    if forced is not None and forced != "auto":
+        reasons = not_supported_reasons(op, forced, tensors)
+        if reasons:
+            raise BackendUnavailable(
+                f"fastadv: backend {forced!r} was forced but cannot run {op}:\n  - " + "\n  - ".join(reasons)
+            )
+        return forced
+    dev = tensors[0].device.type if tensors else "cpu"
+    order = _ORDER.get(op, {}).get(dev) or _DEFAULT_ORDER.get(dev, ("ref",))
+    for backend in order:
+        if not not_supported_reasons(op, backend, tensors):
+            return backend
+    return "ref"
+
+
+def impl(op: str, backend: str) -> Callable:
+    return _IMPLS[op][backend]
+
+
+def backends() -> dict[str, dict]:
+    """What this install can run: ``{backend: {"available": bool, "notes": [...]}}``.
+
+    Never initialises CUDA unless it is already initialised.
+    """
+    cuda_ok = torch.cuda.is_available()
+    ok, why = triton_available()
+    out = {
+        "ref": {"available": True, "notes": ["pure PyTorch, any device"]},
+        "cpp": {
+            "available": _ext.EXT_ERROR is None,
+            "notes": [_ext.EXT_ERROR] if _ext.EXT_ERROR else [f"built: {_ext.BUILD_INFO}"],
+        },
+        "cuda": {
+            "available": _ext.EXT_ERROR is None and "cuda" in _ext.BUILD_INFO and cuda_ok,
+            "notes": [],
+        },
+        "triton": {"available": ok and (cuda_ok or triton_interpreted()), "notes": []},
+    }
+    if _ext.EXT_ERROR:
+        out["cuda"]["notes"].append(_ext.EXT_ERROR)
+    elif "cuda" not in _ext.BUILD_INFO:
+        out["cuda"]["notes"].append("extension built without CUDA sources")
+    if not cuda_ok:
+        out["cuda"]["notes"].append("no CUDA device")
+    if not ok:
+        out["triton"]["notes"].append(why)
+    elif not cuda_ok:
+        out["triton"]["notes"].append(
+            "interpreter on CPU (TRITON_INTERPRET=1)" if triton_interpreted() else "no CUDA device and TRITON_INTERPRET is not 1"
+        )
+    return out

@@ -1,0 +1,55 @@
+"""Test setup. Runs before any fastadv or triton import.
+
+Without a CUDA device the Triton kernels run under the interpreter, so CI
+executes them on CPU tensors. TRITON_INTERPRET is read when @triton.jit
+decorates, so it must be set here, before the kernels are imported.
+"""
+import os
+import pathlib
+
+import pytest
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+if not _has_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Real datasets live beside the checkout (../shared/data); a user's clone has
+# none, so tests that need them skip with this reason.
+DATA_DIR = pathlib.Path(os.environ.get("FASTADV_TEST_DATA", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> pathlib.Path:
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> pathlib.Path:
+    d = DATA_DIR / "mnist"
+    if not (d / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"MNIST not found under {d} (set FASTADV_TEST_DATA to the folder holding mnist/)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def cifar_subset() -> pathlib.Path:
+    f = DATA_DIR / "cifar10-subset" / "cifar10_subset.npz"
+    if not f.exists():
+        pytest.skip(f"CIFAR-10 subset not found at {f} (set FASTADV_TEST_DATA to the folder holding cifar10-subset/)")
+    return f
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    import torch
+
+    torch.manual_seed(0)
