@@ -31,6 +31,10 @@ BACKENDS = ("triton", "cuda", "cpp", "ref")
 _DEFAULT_ORDER = {"cuda": ("triton", "cuda", "ref"), "cpu": ("cpp", "ref")}
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+# Modules that register Triton implementations (one per op family), imported
+# on first use so ``import fastadv`` never imports triton.
+TRITON_MODULES = ("fastadv._triton_lp", "fastadv._triton_ot")
+
 _IMPLS: dict[str, dict[str, Callable]] = {}
 _ORDER: dict[str, dict[str, tuple[str, ...]]] = {}
 _forced_stack: list[str] = []
@@ -101,7 +105,9 @@ def _load_triton_impls() -> str | None:
         _TRITON_ERROR = why
         return why
     try:
-        importlib.import_module("fastadv._triton_ops")
+        for module in TRITON_MODULES:
+            if importlib.util.find_spec(module) is not None:
+                importlib.import_module(module)
         _TRITON_ERROR = None
     except Exception as exc:  # a broken triton install must not break fastadv
         _TRITON_ERROR = f"importing the Triton kernels failed: {type(exc).__name__}: {exc}"
@@ -114,9 +120,18 @@ _TRITON_ERROR: object = _UNSET
 
 def not_supported_reasons(op: str, backend: str, tensors: Iterable[torch.Tensor]) -> list[str]:
     """Why ``backend`` cannot run ``op`` on these tensors (empty list: it can)."""
+    device_type, dtype = _signature(tensors)
+    return _reasons(op, backend, device_type, dtype)
+
+
+def _signature(tensors: Iterable[torch.Tensor]) -> tuple[str, torch.dtype]:
     tensors = [t for t in tensors if t is not None]
-    device = tensors[0].device if tensors else torch.device("cpu")
-    dtype = tensors[0].dtype if tensors else torch.float32
+    if not tensors:
+        return "cpu", torch.float32
+    return tensors[0].device.type, tensors[0].dtype
+
+
+def _reasons(op: str, backend: str, device_type: str, dtype: torch.dtype) -> list[str]:
     reasons: list[str] = []
     if backend == "triton":
         err = _load_triton_impls()
@@ -124,10 +139,10 @@ def not_supported_reasons(op: str, backend: str, tensors: Iterable[torch.Tensor]
             reasons.append(err)
         elif "triton" not in _IMPLS.get(op, {}):
             reasons.append(f"no Triton kernel for {op}")
-        if device.type == "cpu" and not triton_interpreted():
+        if device_type == "cpu" and not triton_interpreted():
             reasons.append("tensors are on the CPU and TRITON_INTERPRET=1 is not set")
-        elif device.type not in ("cpu", "cuda"):
-            reasons.append(f"Triton does not run on {device.type} tensors")
+        elif device_type not in ("cpu", "cuda"):
+            reasons.append(f"Triton does not run on {device_type} tensors")
         if dtype not in _TRITON_DTYPES:
             reasons.append(f"the Triton kernels take float32/float16/bfloat16, not {dtype}")
     elif backend in ("cpp", "cuda"):
@@ -137,8 +152,8 @@ def not_supported_reasons(op: str, backend: str, tensors: Iterable[torch.Tensor]
             reasons.append(_ext.EXT_ERROR)
         elif backend not in _IMPLS.get(op, {}) or not _ext.has_kernel(op, key):
             reasons.append(f"the extension has no {key} kernel for {op}")
-        if device.type != want:
-            reasons.append(f"the {backend} backend runs on {want} tensors, these are on {device}")
+        if device_type != want:
+            reasons.append(f"the {backend} backend runs on {want} tensors, these are on {device_type}")
     elif backend == "ref":
         if "ref" not in _IMPLS.get(op, {}):
             reasons.append(f"no reference implementation for {op}")
@@ -148,20 +163,28 @@ def not_supported_reasons(op: str, backend: str, tensors: Iterable[torch.Tensor]
 
 
 def choose(op: str, tensors: Iterable[torch.Tensor]) -> str:
-    """The backend that will run ``op`` on these tensors (see module docstring)."""
-    tensors = [t for t in tensors if t is not None]
+    """The backend that will run ``op`` on these tensors (see module docstring).
+
+    Under ``torch.compile`` the choice is made once, when the function is
+    traced, and is a constant of the compiled graph.
+    """
+    device_type, dtype = _signature(tensors)
+    return _choose(op, device_type, dtype)
+
+
+@torch.compiler.assume_constant_result
+def _choose(op: str, device_type: str, dtype: torch.dtype) -> str:
     forced = forced_backend()
     if forced is not None and forced != "auto":
-        reasons = not_supported_reasons(op, forced, tensors)
+        reasons = _reasons(op, forced, device_type, dtype)
         if reasons:
             raise BackendUnavailable(
                 f"fastadv: backend {forced!r} was forced but cannot run {op}:\n  - " + "\n  - ".join(reasons)
             )
         return forced
-    dev = tensors[0].device.type if tensors else "cpu"
-    order = _ORDER.get(op, {}).get(dev) or _DEFAULT_ORDER.get(dev, ("ref",))
+    order = _ORDER.get(op, {}).get(device_type) or _DEFAULT_ORDER.get(device_type, ("ref",))
     for backend in order:
-        if not not_supported_reasons(op, backend, tensors):
+        if not _reasons(op, backend, device_type, dtype):
             return backend
     return "ref"
 

@@ -38,7 +38,7 @@ def rows(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     p = t.permute(perm) if t.dim() > 1 else t
     if not p.is_contiguous():
         p = p.contiguous()
-    return p.reshape(t.shape[0], -1)
+    return p.reshape(t.shape[0], t[0].numel() if t.shape[0] else 0)
 
 
 def output_like(like: torch.Tensor, out: torch.Tensor | None):
@@ -50,16 +50,17 @@ def output_like(like: torch.Tensor, out: torch.Tensor | None):
     """
     perm = memory_order(like)
     b = like.shape[0]
+    n = like[0].numel() if b else 0
     if out is None:
         buf = torch.empty([like.shape[d] for d in perm], dtype=like.dtype, device=like.device)
-        return buf.permute(_inverse(perm)), buf.reshape(b, -1), None
+        return buf.permute(_inverse(perm)), buf.reshape(b, n), None
     V.same("out", out, "x", like)
     p = out.permute(perm) if out.dim() > 1 else out
     if p.is_contiguous():
-        return out, p.reshape(b, -1), None
+        return out, p.reshape(b, n), None
     tmp = torch.empty(p.shape, dtype=out.dtype, device=out.device)
 
     def writeback():
         out.copy_(tmp.permute(_inverse(perm)))
 
-    return out, tmp.reshape(b, -1), writeback
+    return out, tmp.reshape(b, n), writeback

@@ -1,0 +1,250 @@
+"""The loop every iterative attack shares: forward, loss, input gradient, step.
+
+``run_loop`` runs K steps of ``x <- step(x, grad)`` on a batch and makes it cheap:
+
+* per-sample early stop with batch compaction (``early_stop=True``): a sample
+  whose current iterate fools the model (after ``tau`` extra fooled steps,
+  Zhang et al. 2020) is frozen there and, at the next compaction, leaves the
+  active set; only active samples are forwarded. The frozen iterate is the
+  first (or tau-th) fooling one, so the attack's success set is exactly what
+  the same loop without compaction gives (tests/test_attacks.py checks it).
+* host syncs only for compaction, batched every ``compact_every`` steps
+  (default 1 on CPU, where a sync is free, and 4 on CUDA); in between, frozen
+  samples ride along with a zero update (``torch.where``), no sync needed;
+* the model may run under bf16/fp16 autocast (``Attack(autocast=...)``),
+  the state (x, x0, eps, alpha, per-sample extras) stays float32;
+* channels_last inputs when the model uses them (``Attack.logits``);
+* ``compile=True``: the model is wrapped in ``torch.compile`` (once per model);
+  the fused steps are registered ops with fake kernels, so they trace too;
+* ``cuda_graph=True`` (CUDA tensors, no early stop, fixed shapes): the whole
+  K-step loop (forward, backward, step, K times) is captured once into a CUDA
+  graph and replayed per batch, which removes the per-kernel launch cost that
+  dominates small models. GPU-only: not exercised by CI on the CPU machine.
+
+``with_restarts`` runs a loop several times from fresh random starts, each
+restart only on the samples no earlier restart fooled, keeping per sample the
+worst case for the model (a fooling iterate, else the highest loss).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from fastadv.attacks.base import Attack, attack_loss, grad_objective, is_fooled
+
+StepFn = Callable[[torch.Tensor, torch.Tensor, dict, int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+_COMPILED: dict[int, object] = {}
+_GRAPHS: dict[tuple, object] = {}
+
+
+def _expand(value, batch: int, device) -> torch.Tensor:
+    """float or (B,) tensor -> float32 (B,) tensor on device."""
+    if isinstance(value, torch.Tensor):
+        t = value.to(device=device, dtype=torch.float32).reshape(-1)
+        return t.expand(batch).clone() if t.numel() == 1 else t.clone()
+    return torch.full((batch,), float(value), dtype=torch.float32, device=device)
+
+
+def model_forward(atk: Attack, compile: bool):
+    """The callable that maps x to float32 logits, optionally torch.compile'd once per model."""
+    if not compile:
+        return atk.logits
+    key = id(atk.model)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(atk.model)
+    compiled = _COMPILED[key]
+
+    def forward(x):
+        model = atk.model
+        atk.model = compiled
+        try:
+            return atk.logits(x)
+        finally:
+            atk.model = model
+
+    return forward
+
+
+def _bshape(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def run_loop(atk: Attack, x0: torch.Tensor, y: torch.Tensor, x: torch.Tensor, steps: int, step: StepFn, *,
+             loss: str = "ce", state: dict | None = None, early_stop: bool = False, tau: int = 0,
+             compact_every: int | None = None, compile: bool = False, cuda_graph: bool = False) -> dict:
+    """K attack steps on a batch, with per-sample early stop and compaction.
+
+    Args:
+        atk: the Attack (model, targeted flag, autocast, channels_last).
+        x0: (B, ...) float32 clean inputs; y: (B,) labels (targets if atk.targeted).
+        x: (B, ...) float32 start (x0 or a random start).
+        steps: K >= 0.
+        step: ``step(x, grad, s, t, loss, logits) -> x_new`` on the active
+            samples; ``s`` holds the active rows of x0 ('x0'), y ('y') and of
+            every tensor in ``state`` (per-sample extras such as eps, alpha,
+            momentum, best loss); it may update them in place or replace them.
+        loss: 'ce' | 'cw' | 'dlr' objective whose input gradient drives the step.
+        early_stop: freeze a sample once fooled (after tau extra fooled steps).
+        compact_every: steps between compactions (host syncs); default 1 on CPU, 4 on CUDA.
+        compile, cuda_graph: see the module docstring.
+    Returns:
+        dict of full-batch tensors: 'x' (the final or frozen iterate), every key
+        of ``state``, and 'stopped' (bool (B,), True where early stop froze the sample).
+    """
+    b = x0.shape[0]
+    s = {"x0": x0, "y": y}
+    for k, v in (state or {}).items():
+        s[k] = v
+    if steps == 0 or b == 0:
+        return {"x": x, **{k: v for k, v in s.items() if k not in ("x0", "y")},
+                "stopped": torch.zeros(b, dtype=torch.bool, device=x.device)}
+    forward = model_forward(atk, compile)
+    if cuda_graph and x.is_cuda and not early_stop:
+        return _graphed_loop(atk, forward, x0, y, x, steps, step, loss, s)
+
+    def grad_at(xc, ys):
+        xr = xc.detach().requires_grad_(True)
+        logits = forward(xr)
+        cost, per = grad_objective(loss, logits, ys, atk.targeted)
+        (g,) = torch.autograd.grad(cost, xr)
+        return g, per, logits.detach()
+
+    if not early_stop:
+        for t in range(steps):
+            g, per, logits = grad_at(x, s["y"])
+            x = step(x, g, s, t, per, logits)
+        return {"x": x, **{k: v for k, v in s.items() if k not in ("x0", "y")},
+                "stopped": torch.zeros(b, dtype=torch.bool, device=x.device)}
+
+    every = compact_every or (4 if x.is_cuda else 1)
+    out = {"x": x.clone(), **{k: v.clone() for k, v in s.items() if k not in ("x0", "y")}}
+    stopped_full = torch.zeros(b, dtype=torch.bool, device=x.device)
+    idx = torch.arange(b, device=x.device)
+    done = torch.zeros(b, dtype=torch.bool, device=x.device)
+    budget = torch.full((b,), int(tau), dtype=torch.int32, device=x.device)
+    for t in range(steps):
+        g, per, logits = grad_at(x, s["y"])
+        fooled = is_fooled(logits, s["y"], atk.targeted)
+        if tau > 0:
+            # FAT (Zhang et al. 2020): a fooled sample may take `tau` more steps.
+            newly = fooled & (budget == 0)
+            budget = torch.where(fooled & ~done, (budget - 1).clamp_min(0), budget)
+            done = done | newly
+        else:
+            done = done | fooled
+        x_new = step(x, g, s, t, per, logits)
+        x = torch.where(_bshape(done, x), x, x_new)
+        last = t == steps - 1
+        if (t + 1) % every == 0 and not last and bool(done.any()):
+            keep = ~done
+            gone = idx[done]
+            out["x"][gone] = x[done]
+            stopped_full[gone] = True
+            for k in out:
+                if k != "x":
+                    out[k][gone] = s[k][done]
+            if not bool(keep.any()):
+                return {**out, "stopped": stopped_full}
+            x, idx, budget = x[keep], idx[keep], budget[keep]
+            s = {k: v[keep] for k, v in s.items()}
+            done = done[keep]
+    out["x"][idx] = x
+    stopped_full[idx] = done
+    for k in out:
+        if k != "x":
+            out[k][idx] = s[k]
+    return {**out, "stopped": stopped_full}
+
+
+def _graphed_loop(atk, forward, x0, y, x, steps, step, loss, s):
+    """Capture the whole K-step loop in one CUDA graph (fixed shapes), replay per call.
+
+    The graph is cached per (model, shapes, steps, loss, attack settings).
+    Static input buffers are refilled with ``copy_`` before each replay; the
+    output buffer is cloned so a later replay cannot overwrite a result.
+    GPU-only path: never run on the CPU CI machine.
+    """
+    extra = {k: v for k, v in s.items() if k not in ("x0", "y")}
+    key = (id(atk.model), id(step.__func__) if hasattr(step, "__func__") else id(step), tuple(x.shape), str(x.device),
+           steps, loss, atk.targeted, atk.autocast_dtype, tuple((k, tuple(v.shape)) for k, v in extra.items()))
+    entry = _GRAPHS.get(key)
+    if entry is None:
+        static = {"x": x.clone(), "x0": x0.clone(), "y": y.clone(), **{k: v.clone() for k, v in extra.items()}}
+
+        def body():
+            xc = static["x"]
+            ss = {k: v for k, v in static.items() if k != "x"}
+            for t in range(steps):
+                xr = xc.detach().requires_grad_(True)
+                logits = forward(xr)
+                cost, per = grad_objective(loss, logits, ss["y"], atk.targeted)
+                (g,) = torch.autograd.grad(cost, xr)
+                xc = step(xc, g, ss, t, per, logits)
+            return xc, ss
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (cuDNN autotune, allocator) outside the capture
+            saved = {k: v.clone() for k, v in static.items()}
+            for _ in range(2):
+                body()
+                for k, v in saved.items():
+                    static[k].copy_(v)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out_x, out_s = body()
+        entry = (graph, static, out_x, out_s)
+        _GRAPHS[key] = entry
+    graph, static, out_x, out_s = entry
+    static["x"].copy_(x)
+    static["x0"].copy_(x0)
+    static["y"].copy_(y)
+    for k, v in extra.items():
+        static[k].copy_(v)
+    graph.replay()
+    result = {"x": out_x.clone(), **{k: out_s[k].clone() for k in extra}}
+    result["stopped"] = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    return result
+
+
+@torch.no_grad()
+def evaluate_points(atk: Attack, x: torch.Tensor, y: torch.Tensor, loss: str = "ce",
+                    batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fooled (B,) bool, per-sample loss (B,)) at x, with the attack's model settings."""
+    if x.shape[0] == 0:
+        z = torch.zeros(0, device=x.device)
+        return z.bool(), z
+    logits = atk.logits(x)
+    return is_fooled(logits, y, atk.targeted), attack_loss(loss, logits, y, atk.targeted)
+
+
+def with_restarts(atk: Attack, x0: torch.Tensor, y: torch.Tensor, restarts: int,
+                  run_once: Callable[[torch.Tensor | None, int], torch.Tensor], loss: str = "ce") -> torch.Tensor:
+    """Run ``run_once(idx, r) -> x_adv[idx]`` up to ``restarts`` times.
+
+    ``idx`` is None (all rows) for a single run, else a (n,) int64 tensor of
+    the rows restart r runs on: the samples no earlier restart fooled (as
+    AutoAttack does). Per sample it keeps a fooling point if any restart found
+    one, else the point with the highest loss. One forward pass per restart
+    checks the result (none when restarts == 1).
+    """
+    if restarts == 1:
+        return run_once(None, 0)
+    b = x0.shape[0]
+    best = x0.clone()
+    best_loss = torch.full((b,), -float("inf"), device=x0.device)
+    fooled = torch.zeros(b, dtype=torch.bool, device=x0.device)
+    for r in range(restarts):
+        idx = (~fooled).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            break
+        adv = run_once(idx, r)
+        f, lv = evaluate_points(atk, adv, y[idx], loss)
+        better = f | (lv > best_loss[idx])
+        best[idx[better]] = adv[better]
+        best_loss[idx] = torch.maximum(best_loss[idx], lv)
+        fooled[idx] = f
+    return best

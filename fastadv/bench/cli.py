@@ -1,0 +1,128 @@
+"""``fastadv bench [ops|sinkhorn|attacks|train] [options]``.
+
+With no target, runs ``ops`` on its built-in shapes. Each target is a module
+``fastadv.bench.<target>`` implementing ``add_arguments(parser)`` (optional)
+and ``run(args) -> dict`` (the interface is documented in
+``fastadv.bench.harness``); it is imported only when used. This module adds
+the common options, prints the target's notes and table, stamps the
+environment and writes the JSON under ``benchmarks/results/``.
+
+Examples::
+
+    fastadv bench                         # = fastadv bench ops
+    fastadv bench ops --quick --no-save   # smoke test, a few seconds
+    OMP_NUM_THREADS=2 fastadv bench ops --backends cpp,ref --out /tmp/res
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+TARGETS = {
+    "ops": "fused Lp steps and projections vs the eager reference and torch.compile (issue 2)",
+    "sinkhorn": "batched Sinkhorn projection and Wasserstein attack (issue 3)",
+    "attacks": "PGD attack engine vs torchattacks and the model's floor (issue 4)",
+    "train": "adversarial training images/s vs an eager recipe (issue 5)",
+}
+DEFAULT_TARGET = "ops"
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every target shares (targets must not add these again)."""
+    p.add_argument("--quick", action="store_true", help="small shapes and few repeats: a smoke test in seconds")
+    p.add_argument("--backends", default=None, help="comma list of backends to time (default: every available one)")
+    p.add_argument("--dtype", default=None, help="comma list of dtypes, e.g. float32,bfloat16 (default: the target's)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
+    p.add_argument("--min-time", type=float, default=None, help="seconds of timed runs per case (default: the target's)")
+    p.add_argument("--out", default=None, help="folder for the JSON result (default: benchmarks/results/)")
+    p.add_argument("--no-save", action="store_true", help="print the table only, write no JSON")
+
+
+def _module_name(target: str) -> str:
+    return f"fastadv.bench.{target}"
+
+
+def _load(target: str):
+    name = _module_name(target)
+    if importlib.util.find_spec(name) is None:
+        return None
+    return importlib.import_module(name)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Called by ``fastadv.cli`` for ``fastadv bench``: one subparser per target."""
+    sub = parser.add_subparsers(dest="target", metavar="{" + ",".join(TARGETS) + "}")
+    # With no target, `fastadv bench` runs ops: give the bare parser ops' options too.
+    for target, help_text in TARGETS.items():
+        p = sub.add_parser(target, help=help_text, description=help_text)
+        add_common_arguments(p)
+        try:
+            mod = _load(target)
+        except Exception as exc:  # a broken target must not hide the others
+            p.set_defaults(_load_error=f"{type(exc).__name__}: {exc}")
+            continue
+        if mod is not None and hasattr(mod, "add_arguments"):
+            mod.add_arguments(p)
+    add_common_arguments(parser)
+    ops = _load(DEFAULT_TARGET)
+    if ops is not None and hasattr(ops, "add_arguments"):
+        ops.add_arguments(parser)
+    parser.set_defaults(target=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the chosen target, print its table, write its JSON; exit status 0 on success."""
+    from fastadv.bench import harness
+
+    target = args.target or DEFAULT_TARGET
+    if getattr(args, "_load_error", None):
+        print(f"fastadv bench {target}: importing {_module_name(target)} failed: {args._load_error}", file=sys.stderr)
+        return 2
+    mod = _load(target)
+    if mod is None or not hasattr(mod, "run"):
+        print(
+            f"fastadv bench {target}: not available in this install ({_module_name(target)} "
+            f"{'is missing' if mod is None else 'has no run(args)'}). Available: "
+            + ", ".join(t for t in TARGETS if importlib.util.find_spec(_module_name(t)) is not None),
+            file=sys.stderr,
+        )
+        return 2
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    payload = mod.run(args)
+    if not isinstance(payload, dict) or "rows" not in payload:
+        print(f"fastadv bench {target}: run(args) must return a dict with 'rows'", file=sys.stderr)
+        return 2
+    payload.setdefault("target", target)
+    payload.setdefault("device", args.device)
+    payload.setdefault("quick", bool(args.quick))
+    if "environment" not in payload:
+        payload["environment"] = harness.environment(args.device)
+    env = payload["environment"]
+    print(
+        f"# fastadv bench {target}: {env['device_name']}, torch {env['torch']}, "
+        f"{env['torch_num_threads']} threads, load {', '.join(f'{v:.2f}' for v in env.get('loadavg') or [])}"
+    )
+    for note in payload.get("notes", []):
+        print(f"# note: {note}")
+    columns = payload.get("columns") or sorted({k for r in payload["rows"] for k in r})
+    harness.print_table(payload["rows"], columns)
+    if not args.no_save:
+        path = harness.write_result(target, payload, args.out)
+        print(f"# wrote {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    """``python -m fastadv.bench.cli ...`` (same as ``fastadv bench ...``)."""
+    parser = argparse.ArgumentParser(prog="fastadv bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

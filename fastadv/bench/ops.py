@@ -1,0 +1,423 @@
+"""``fastadv bench ops``: every fused Lp op on every backend vs the eager reference and torch.compile.
+
+For each op, shape and dtype, in one process and on the same inputs:
+
+* ``eager ref``: the pure-PyTorch reference (``fastadv.reference.lp``), the
+  baseline of the speedup column. For ``project_l1`` this is the sort-based
+  projection of Duchi et al. 2008 ("Efficient Projections onto the l1-Ball
+  for Learning in High Dimensions"), extended to the box for ``+box``.
+* ``compile ref``: ``torch.compile(reference, dynamic=False)`` (Inductor),
+  the tool a user would reach for instead; the first call (compilation) is
+  timed separately (``compile_s``) and excluded.
+* ``<backend>``: the public op ``fastadv.ops.<op>(..., out=out)`` inside
+  ``fastadv.use_backend(backend)`` and ``fastadv.validation(False)`` (as the
+  attack engine calls it in its step loop);
+* ``<backend> +checks``: the same with the data-reading checks on (the
+  default for a user's call; they read x0 once for NaN and the box);
+* ``<backend> raw``: the registered op itself on prepared (B, N) rows, with
+  no Python argument handling: the distance to it is the wrapper's overhead.
+
+Bytes moved per call (the "effective" bandwidth counts each operand once,
+the compulsory traffic; a two-pass kernel that re-reads a row from cache
+moves more than this and is not credited for it), with s = element size and
+N = elements in the batch:
+
+* ``linf_step``, ``l2_step``, ``l1_step``: read x, x0, grad, write out: 4 N s;
+* ``project_linf+box``, ``project_l2+box``, ``project_l1+box``: read delta
+  and x0, write out: 3 N s;
+* ``project_l1`` (no box): read delta, write out: 2 N s.
+
+The fraction column divides that bandwidth by the bandwidth of
+``dst.copy_(src)`` on one tensor of the same shape and dtype, measured in the
+same run (2 N s per copy): at 256x3x32x32 the operands (3 MiB each) stay in
+the CPU's caches across repeated calls, so a copy of a DRAM-sized buffer
+would be the wrong yardstick. The 256 MiB copy bandwidth is reported too.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from typing import Callable
+
+import torch
+
+import fastadv
+from fastadv import _dispatch
+from fastadv import ops as F
+from fastadv._layout import output_like, rows
+from fastadv.bench import harness
+from fastadv.reference import lp as ref
+
+OPS = (
+    "linf_step",
+    "l2_step",
+    "l1_step",
+    "project_linf+box",
+    "project_l2+box",
+    "project_l1",
+    "project_l1+box",
+)
+SHAPES = ((256, 3, 32, 32), (32, 3, 224, 224))
+QUICK_SHAPES = ((16, 3, 16, 16),)
+SPARSITY = 0.95
+
+COLUMNS = [
+    ("op", "op"),
+    ("shape", "shape"),
+    ("dtype", "dtype"),
+    ("impl", "impl"),
+    ("ms", "ms", "{:.3f}"),
+    ("min_ms", "min ms", "{:.3f}"),
+    ("gbs", "GB/s", "{:.1f}"),
+    ("frac_copy", "of copy", "{:.0%}"),
+    ("speedup", "x eager", "{:.2f}x"),
+    ("vs_compile", "x compile", "{:.2f}x"),
+    ("compile_s", "compile s", "{:.1f}"),
+]
+
+
+def shape_str(shape) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def parse_shape(s: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in s.lower().split("x"))
+
+
+@dataclasses.dataclass
+class Case:
+    """One op on one set of inputs, with every way of calling it.
+
+    ``public()``, ``reference()`` and ``raw(backend)()`` all compute the same
+    result on the same tensors; ``reference_fn(*reference_args,
+    **reference_kwargs)`` is what torch.compile wraps.
+    """
+
+    label: str
+    op: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    public: Callable[[], torch.Tensor]
+    reference_fn: Callable
+    reference_args: tuple
+    reference_kwargs: dict
+    raw_args: tuple  # the registered op's arguments without ``out``
+    out: torch.Tensor
+    out_rows: torch.Tensor
+    tensors: list
+    nbytes: int
+
+    def reference(self) -> torch.Tensor:
+        return self.reference_fn(*self.reference_args, **self.reference_kwargs)
+
+    def raw(self, backend: str) -> Callable[[], None]:
+        impl = _dispatch.impl(self.op, backend)
+        args, out = self.raw_args, self.out_rows
+        return lambda: impl(*args, out)
+
+
+def make_case(label: str, shape, dtype=torch.float32, device="cpu", seed: int = 0) -> Case:
+    """Inputs for op ``label`` (an entry of OPS) in the regime an attack sees.
+
+    x0 is uniform in [0, 1]; steps start from x inside the eps-ball; the
+    projections get a delta 2-3x outside the ball, so every projection is
+    active. Radii: L-inf eps 8/255, alpha 2/255; L2 eps 0.5, alpha 0.1
+    (scaled by sqrt(N / 3072) per sample); L1 eps 12 (APGD-L1's CIFAR-10
+    radius), alpha 1, scaled by N / 3072.
+    """
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    b = shape[0]
+    n = math.prod(shape[1:])
+    kw = dict(device=device, dtype=torch.float32, generator=gen)
+
+    def cast(t):
+        return t.to(dtype)
+
+    x0 = cast(torch.rand(shape, **kw))
+    op, box = label.split("+")[0], label.endswith("+box")
+    s = torch.empty((), dtype=dtype).element_size()
+    if op.endswith("_step"):
+        if op == "linf_step":
+            eps, alpha = 8 / 255, 2 / 255
+            start = torch.rand(shape, **kw).mul_(2 * eps).sub_(eps)
+        elif op == "l2_step":
+            eps, alpha = 0.5 * math.sqrt(n / 3072), 0.1 * math.sqrt(n / 3072)
+            start = torch.randn(shape, **kw)
+            start *= 0.8 * eps / start.reshape(b, -1).norm(dim=1).reshape(b, *[1] * (len(shape) - 1))
+        else:
+            eps, alpha = 12.0 * n / 3072, 1.0 * n / 3072
+            start = torch.randn(shape, **kw)
+            start *= 0.8 * eps / start.reshape(b, -1).abs().sum(dim=1).reshape(b, *[1] * (len(shape) - 1))
+        x = cast((x0.float() + start).clamp_(0, 1))
+        g = cast(torch.randn(shape, **kw))
+        out = torch.empty_like(x)
+        extra = (SPARSITY,) if op == "l1_step" else ()
+        pub = getattr(F, op)
+        ref_fn = getattr(ref, op)
+        alpha_t = torch.full((b,), alpha, dtype=torch.float32, device=device)
+        eps_t = torch.full((b,), eps, dtype=torch.float32, device=device)
+        raw_args = (rows(x, x), rows(x0, x), rows(g, x), alpha_t, eps_t, *extra, 0.0, 1.0)
+        return Case(
+            label=label,
+            op=op,
+            shape=tuple(shape),
+            dtype=dtype,
+            device=device,
+            public=lambda: pub(x, x0, g, alpha, eps, *extra, clip=(0.0, 1.0), out=out),
+            reference_fn=ref_fn,
+            reference_args=(x, x0, g, alpha, eps, *extra),
+            reference_kwargs={"clip": (0.0, 1.0)},
+            raw_args=raw_args,
+            out=out,
+            out_rows=output_like(x, out)[1],
+            tensors=[x, x0, g],
+            nbytes=4 * x.numel() * s,
+        )
+    if op == "project_linf":
+        eps = 8 / 255
+        delta = torch.rand(shape, **kw).mul_(4 * eps).sub_(2 * eps)
+    elif op == "project_l2":
+        eps = 0.5 * math.sqrt(n / 3072)
+        delta = torch.randn(shape, **kw)
+        delta *= 2 * eps / delta.reshape(b, -1).norm(dim=1).reshape(b, *[1] * (len(shape) - 1))
+    elif op == "project_l1":
+        eps = 12.0 * n / 3072
+        delta = torch.randn(shape, **kw)
+        delta *= 3 * eps / delta.reshape(b, -1).abs().sum(dim=1).reshape(b, *[1] * (len(shape) - 1))
+    else:
+        raise ValueError(f"unknown op {label!r}; expected one of {OPS}")
+    delta = cast(delta)
+    out = torch.empty_like(delta)
+    pub = getattr(F, op)
+    ref_fn = getattr(ref, op)
+    eps_t = torch.full((b,), eps, dtype=torch.float32, device=device)
+    kwargs = {"x0": x0, "clip": (0.0, 1.0)} if box else {}
+    lo, hi = (0.0, 1.0) if box else (-math.inf, math.inf)
+    return Case(
+        label=label,
+        op=op,
+        shape=tuple(shape),
+        dtype=dtype,
+        device=device,
+        public=lambda: pub(delta, eps, out=out, **kwargs),
+        reference_fn=ref_fn,
+        reference_args=(delta, eps),
+        reference_kwargs=kwargs,
+        raw_args=(rows(delta, delta), eps_t, rows(x0, delta) if box else None, lo, hi),
+        out=out,
+        out_rows=output_like(delta, out)[1],
+        tensors=[delta] + ([x0] if box else []),
+        nbytes=(3 if box else 2) * delta.numel() * s,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("ops")
+    g.add_argument("--ops", default=None, help=f"comma list of ops (default: all of {','.join(OPS)})")
+    g.add_argument("--shapes", default=None, help="comma list like 256x3x32x32,32x3x224x224 (default: those two)")
+    g.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="time torch.compile(reference) too (auto: on, except with --quick)",
+    )
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _select_backends(requested, device: torch.device, notes: list[str]) -> list[str]:
+    avail = fastadv.backends()
+    names = [b.strip() for b in requested.split(",")] if requested else [b for b in _dispatch.BACKENDS]
+    chosen = []
+    for b in names:
+        if b not in avail:
+            raise SystemExit(f"--backends: unknown backend {b!r}; expected some of {', '.join(avail)}")
+        if b == "triton" and device.type == "cpu":
+            notes.append("triton: skipped on CPU (the Triton interpreter is a test vehicle; timing it means nothing)")
+            continue
+        if not avail[b]["available"]:
+            if requested or b != "cuda" or device.type == "cuda":
+                notes.append(f"{b}: unavailable ({'; '.join(avail[b]['notes'])})")
+            continue
+        chosen.append(b)
+    return chosen
+
+
+def _compile_fn(fn):
+    import torch._dynamo
+
+    # One compiled graph per (op, shape, dtype, box); several share a code object.
+    cfg = torch._dynamo.config
+    if hasattr(cfg, "recompile_limit"):
+        cfg.recompile_limit = max(cfg.recompile_limit, 64)
+    if hasattr(cfg, "cache_size_limit"):
+        cfg.cache_size_limit = max(cfg.cache_size_limit, 64)
+    return torch.compile(fn, dynamic=False)
+
+
+def run(args) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    quick = bool(getattr(args, "quick", False))
+    notes: list[str] = []
+    labels = [o.strip() for o in args.ops.split(",")] if getattr(args, "ops", None) else list(OPS)
+    for lab in labels:
+        if lab not in OPS:
+            raise SystemExit(f"--ops: unknown op {lab!r}; expected some of {', '.join(OPS)}")
+    if getattr(args, "shapes", None):
+        shapes = [parse_shape(s) for s in args.shapes.split(",")]
+    else:
+        shapes = list(QUICK_SHAPES if quick else SHAPES)
+    if args.dtype:
+        dtypes = [getattr(torch, d.strip()) for d in args.dtype.split(",")]
+    else:
+        dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
+    compile_mode = getattr(args, "compile", "auto")
+    do_compile = compile_mode == "on" or (compile_mode == "auto" and not quick)
+    if not do_compile:
+        notes.append("torch.compile(reference) not timed (--compile off, or --quick)")
+    min_time = args.min_time if args.min_time is not None else (0.02 if quick else 0.5)
+    timing = dict(device=device, min_time=min_time, warmup=1 if quick else 3, min_runs=3 if quick else 5)
+    backends = _select_backends(args.backends, device, notes)
+
+    copy_bytes = (16 if quick else 256) * 2**20
+    copy_large = harness.copy_bandwidth(device, copy_bytes, min_time=min_time)
+    _log(f"copy bandwidth ({copy_bytes >> 20} MiB buffer): {copy_large:.1f} GB/s")
+
+    rows_out: list[dict] = []
+    for shape in shapes:
+        for dtype in dtypes:
+            src = torch.rand(shape, device=device).to(dtype)
+            dst = torch.empty_like(src)
+            t_copy = harness.time_fn(lambda: dst.copy_(src), **timing)
+            copy_gbs = harness.gbs(2 * src.numel() * src.element_size(), t_copy.median_ms)
+            del src, dst
+            base = dict(shape=shape_str(shape), dtype=str(dtype).replace("torch.", ""))
+            rows_out.append(
+                dict(base, op="copy_", impl="torch", ms=t_copy.median_ms, min_ms=t_copy.min_ms, iqr_ms=t_copy.iqr_ms,
+                     n=t_copy.n, bytes=2 * math.prod(shape) * torch.empty((), dtype=dtype).element_size(),
+                     gbs=copy_gbs, frac_copy=1.0)
+            )
+            for label in labels:
+                case = make_case(label, shape, dtype, device)
+                group: list[dict] = []
+
+                def record(impl, t: harness.Timing, **extra):
+                    gb = harness.gbs(case.nbytes, t.median_ms)
+                    row = dict(base, op=label, impl=impl, ms=t.median_ms, min_ms=t.min_ms, iqr_ms=t.iqr_ms, n=t.n,
+                               bytes=case.nbytes, gbs=gb, frac_copy=gb / copy_gbs, **extra)
+                    group.append(row)
+                    return row
+
+                _log(f"{label} {base['shape']} {base['dtype']}: eager reference")
+                t_ref = harness.time_fn(case.reference, **timing)
+                record("eager ref", t_ref)
+                t_comp = None
+                if do_compile:
+                    _log(f"{label} {base['shape']} {base['dtype']}: torch.compile(reference)")
+                    comp = _compile_fn(case.reference_fn)
+                    try:
+                        t0 = time.perf_counter()
+                        comp(*case.reference_args, **case.reference_kwargs)
+                        if device.type == "cuda":
+                            torch.cuda.synchronize(device)
+                        compile_s = time.perf_counter() - t0
+                        t_comp = harness.time_fn(lambda: comp(*case.reference_args, **case.reference_kwargs), **timing)
+                        record("compile ref", t_comp, compile_s=compile_s)
+                    except Exception as exc:  # report, do not abort the whole run
+                        notes.append(f"torch.compile(reference) failed for {label} {base['shape']}: "
+                                     f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                for b in backends:
+                    reasons = _dispatch.not_supported_reasons(case.op, b, case.tensors)
+                    if reasons:
+                        note = f"{b}: {label} {base['dtype']} not timed ({'; '.join(reasons)})"
+                        if note not in notes:
+                            notes.append(note)
+                        continue
+                    _log(f"{label} {base['shape']} {base['dtype']}: {b}")
+                    with fastadv.use_backend(b), fastadv.validation(False):
+                        record(b, harness.time_fn(case.public, **timing))
+                    with fastadv.use_backend(b), fastadv.validation(True):
+                        record(f"{b} +checks", harness.time_fn(case.public, **timing))
+                    if b != "ref":
+                        record(f"{b} raw", harness.time_fn(case.raw(b), **timing))
+                for row in group:
+                    row["speedup"] = t_ref.median_ms / row["ms"]
+                    if t_comp is not None:
+                        row["vs_compile"] = t_comp.median_ms / row["ms"]
+                rows_out.extend(group)
+                del case
+    payload = {
+        "device": str(device),
+        "columns": COLUMNS,
+        "rows": rows_out,
+        "notes": notes,
+        "copy_gbs_large": copy_large,
+        "copy_large_bytes": copy_bytes,
+        "backends": fastadv.backends(),
+        "timing": {k: (str(v) if k == "device" else v) for k, v in timing.items()},
+        "bytes_per_op": {
+            "steps": "4 N s (read x, x0, grad; write out)",
+            "projections with box": "3 N s (read delta, x0; write out)",
+            "project_l1 without box": "2 N s (read delta; write out)",
+            "copy_": "2 N s (read src; write dst)",
+        },
+    }
+    payload["targets"] = check_targets(rows_out, device)
+    for t in payload["targets"]:
+        notes.append(f"target {'MET' if t['met'] else 'MISSED'}: {t['target']} (measured {t['measured']})")
+    return payload
+
+
+def _find(rows_, **kw):
+    for r in rows_:
+        if all(r.get(k) == v for k, v in kw.items()):
+            return r
+    return None
+
+
+def check_targets(rows_: list[dict], device) -> list[dict]:
+    """The issue's targets, checked on the measured rows (median times)."""
+    device = torch.device(device)
+    out = []
+    shapes = sorted({r["shape"] for r in rows_})
+    if device.type == "cpu":
+        for shape in shapes:
+            for op in ("linf_step", "l2_step"):
+                r = _find(rows_, op=op, shape=shape, dtype="float32", impl="cpp")
+                if r is None:
+                    continue
+                out.append(dict(target=f"cpp {op} {shape} >= 3x eager reference", met=r["speedup"] >= 3,
+                                measured=f"{r['speedup']:.2f}x"))
+                if r.get("vs_compile") is not None:
+                    out.append(dict(target=f"cpp {op} {shape} >= torch.compile(reference)", met=r["vs_compile"] >= 1,
+                                    measured=f"{r['vs_compile']:.2f}x"))
+                out.append(dict(target=f"cpp {op} {shape} >= 50% of copy bandwidth", met=r["frac_copy"] >= 0.5,
+                                measured=f"{r['frac_copy']:.0%} ({r['gbs']:.1f} GB/s)"))
+            r = _find(rows_, op="project_l1", shape=shape, dtype="float32", impl="cpp")
+            if r is not None:
+                out.append(dict(target=f"cpp project_l1 {shape} >= 20x sort-based eager projection",
+                                met=r["speedup"] >= 20, measured=f"{r['speedup']:.1f}x"))
+    else:
+        for op in ("linf_step", "l2_step"):
+            for dt in ("float32", "bfloat16"):
+                r = _find(rows_, op=op, shape="32x3x224x224", dtype=dt, impl="triton")
+                if r is not None:
+                    out.append(dict(target=f"triton {op} 32x3x224x224 {dt} >= 80% of copy bandwidth",
+                                    met=r["frac_copy"] >= 0.8, measured=f"{r['frac_copy']:.0%} ({r['gbs']:.0f} GB/s)"))
+        for shape in shapes:
+            best = None
+            for b in ("cuda", "triton"):
+                r = _find(rows_, op="project_l1", shape=shape, dtype="float32", impl=b)
+                if r is not None and (best is None or r["speedup"] > best["speedup"]):
+                    best = r
+            if best is not None:
+                out.append(dict(target=f"{best['impl']} project_l1 {shape} >= 10x sort-based projection",
+                                met=best["speedup"] >= 10, measured=f"{best['speedup']:.1f}x"))
+    return out

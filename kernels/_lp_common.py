@@ -1,0 +1,130 @@
+"""Shared Triton helpers for the Lp steps and projections (``lp_steps``, ``lp_project``).
+
+Every kernel sees (B, N) row-major rows (``fastadv._layout.rows``): sample b
+is the N elements starting at ``b * N``. Row offsets are int64 (B * N passes
+2**31 at 512x3x224x224). Arithmetic is float32 whatever the storage dtype.
+
+The per-sample root-finds (the L2-ball-with-box multiplier, the L1 threshold
+tau and the SLIDE quantile) run as one program per sample. When the sample fits
+in one block (``SINGLE``) its values are loaded once and every iteration works
+on registers; otherwise each iteration streams the sample in BLOCK chunks,
+which on a GPU stay in L2 (1.8 MB per 3x224x224 fp32 sample and tensor).
+A split-sample variant (several programs per sample, partial sums through a
+scratch buffer, one launch per iteration) would raise occupancy for small
+batches; it is not written because the iteration count is data dependent and
+would need a host sync or a persistent grid-wide barrier per iteration.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Newton/bisection caps for the per-sample root-finds. Both loops exit early
+# when converged (typically 3-10 iterations on random data, measured on the
+# interpreter); the caps only bound adversarial inputs. Every iterate of the
+# L2 fixed point is feasible, and the L1 loop returns the feasible end of its
+# bracket if it hits the cap.
+L2_MAX_ITERS = 64
+L1_MAX_ITERS = 80
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def row_launch(n: int, single_max: int, chunk: int) -> tuple[int, bool, int]:
+    """(BLOCK, SINGLE, num_warps) for a one-program-per-sample kernel on rows of n elements.
+
+    SINGLE: the whole sample is one block held in registers; otherwise the
+    kernel loops over the sample in chunks of ``chunk`` elements.
+    """
+    if n <= single_max:
+        block = max(16, next_pow2(n))
+        single = True
+    else:
+        block = chunk
+        single = False
+    return block, single, warps_for(block)
+
+
+def warps_for(block: int) -> int:
+    # 4 warps up to 2048 elements (16 fp32 per thread), then one warp per 512
+    # elements up to 16, so a thread holds at most 16 values per operand.
+    return int(min(16, max(4, block // 512)))
+
+
+@triton.jit
+def _sign(g):
+    # NaN compares false both ways, so a NaN gradient coordinate gives 0 (no move).
+    return tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0))
+
+
+@triton.jit
+def _nan_to_zero(g):
+    return tl.where(g == g, g, 0.0)
+
+
+@triton.jit
+def _clamp(v, lo, hi):
+    # torch.clamp(v, lo, hi) = min(max(v, lo), hi)
+    return tl.minimum(tl.maximum(v, lo), hi)
+
+
+# ----------------------------------------------------------------- L2 with box
+@triton.jit
+def _l2_box_sums(v, a, b, t):
+    """(C, S) at multiplier t: C = sum of squared bounds of the coordinates
+    saturated at t (t*v outside (a, b)), S = sum of v^2 over the others."""
+    w = t * v
+    sat = (w >= b) | (w <= a)
+    bound = _clamp(w, a, b)
+    c = tl.sum(tl.where(sat, bound * bound, 0.0), axis=0)
+    s = tl.sum(tl.where(sat, 0.0, v * v), axis=0)
+    return c, s
+
+
+@triton.jit
+def _l2_fixed_point(e2, c, s, t):
+    """t_next = sqrt((eps^2 - C(t)) / S(t)) in [0, 1]; never below t (monotone from below)."""
+    tn = tl.where(s > 0, tl.sqrt(tl.maximum(e2 - c, 0.0) / tl.where(s > 0, s, 1.0)), 1.0)
+    return tl.minimum(tn, 1.0)
+
+
+# ----------------------------------------------------------------- L1
+@triton.jit
+def _l1_caps(v, a, b):
+    """|v| and the cap u on |d| the box allows in v's direction (0 where v = 0)."""
+    u = tl.where(v > 0, b, -a)
+    u = tl.where(v != 0, tl.maximum(u, 0.0), 0.0)
+    return tl.abs(v), u
+
+
+@triton.jit
+def _l1_sums(av, u, tau):
+    """g(tau) = sum clip(|v| - tau, 0, u), and the slope counts on its right
+    (|v| - u <= tau < |v|) and left (|v| - u < tau <= |v|)."""
+    gsum = tl.sum(tl.minimum(tl.maximum(av - tau, 0.0), u), axis=0)
+    lowb = av - u  # -inf without a box
+    nr = tl.sum(((lowb <= tau) & (tau < av)).to(tl.float32), axis=0)
+    nl = tl.sum(((lowb < tau) & (tau <= av)).to(tl.float32), axis=0)
+    return gsum, nr, nl
+
+
+@triton.jit
+def _l1_update(tau, gsum, nr, nl, eps, lo_t, hi_t):
+    """One safeguarded Newton step on g(tau) = eps inside the bracket [lo_t, hi_t].
+
+    Returns (next tau, lo_t, hi_t, over, done). g is piecewise linear and
+    nonincreasing; Newton uses the slope on the side of the root and falls
+    back to bisection when it leaves the bracket or the slope is 0.
+    """
+    over = gsum > eps
+    lo_t = tl.where(over, tau, lo_t)
+    hi_t = tl.where(over, hi_t, tau)
+    newton = tl.where(over, tau + (gsum - eps) / tl.maximum(nr, 1.0), tau - (eps - gsum) / tl.maximum(nl, 1.0))
+    slope_ok = tl.where(over, nr > 0, nl > 0)
+    ok = slope_ok & (newton > lo_t) & (newton < hi_t)
+    nxt = tl.where(ok, newton, 0.5 * (lo_t + hi_t))
+    # Converged: g hit eps, or the step is within 2 float32 ulps of tau.
+    done = (gsum == eps) | (tl.abs(nxt - tau) <= 2.4e-7 * tau)
+    return nxt, lo_t, hi_t, over, done
