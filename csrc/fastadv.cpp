@@ -43,6 +43,13 @@ TORCH_LIBRARY(fastadv, m) {
 
   // ---- Sinkhorn / Wasserstein (issue: batched Sinkhorn) ----
   // FASTADV_SINKHORN_SCHEMAS (schemas for the Sinkhorn ops go below this line)
+  // a (B, n), b (B, m), cost (B or 1, n, m): contiguous float32 | float64.
+  // Returns the KL-form potentials f (B, n), g (B, m), iterations (B,) int32
+  // and the final row-marginal error ||P 1 - a||_1 (B,).
+  m.def("sinkhorn(Tensor a, Tensor b, Tensor cost, float reg, int max_iter, float tol) -> (Tensor, Tensor, Tensor, Tensor)");
+  // x, x0 (B, C, H, W) contiguous float32 | float64, eps (B,) in x's dtype.
+  // Returns z (B, C, H, W), iterations (B,) int32, residual (B,), psi (B,).
+  m.def("wasserstein_project(Tensor x, Tensor x0, Tensor eps, int kernel_size, float p, float reg, int max_iter, float tol) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 }  // namespace fastadv

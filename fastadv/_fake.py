@@ -22,3 +22,31 @@ def _fake_lp(*args):
 if _ext.EXT_ERROR is None:
     for _op in _LP_OPS:
         torch.library.register_fake(f"fastadv::{_op}")(_fake_lp)
+
+
+# ---- Sinkhorn / Wasserstein projection (issue 3) ----------------------------
+def _fake_sinkhorn(a, b, cost, reg, max_iter, tol):
+    torch._check(a.dim() == 2 and b.dim() == 2 and cost.dim() == 3, lambda: "sinkhorn: a (B, n), b (B, m), cost (B|1, n, m)")
+    bsz = a.shape[0]
+    return (
+        a.new_empty(a.shape),
+        b.new_empty(b.shape),
+        a.new_empty((bsz,), dtype=torch.int32),
+        a.new_empty((bsz,)),
+    )
+
+
+def _fake_wasserstein_project(x, x0, eps, kernel_size, p, reg, max_iter, tol):
+    torch._check(x.dim() == 4 and x0.shape == x.shape, lambda: "wasserstein_project: x, x0 (B, C, H, W)")
+    bsz = x.shape[0]
+    return (
+        x.new_empty(x.shape),
+        x.new_empty((bsz,), dtype=torch.int32),
+        x.new_empty((bsz,)),
+        x.new_empty((bsz,)),
+    )
+
+
+if _ext.EXT_ERROR is None:
+    torch.library.register_fake("fastadv::sinkhorn")(_fake_sinkhorn)
+    torch.library.register_fake("fastadv::wasserstein_project")(_fake_wasserstein_project)

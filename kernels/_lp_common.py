@@ -72,15 +72,26 @@ def _clamp(v, lo, hi):
 
 # ----------------------------------------------------------------- L2 with box
 @triton.jit
-def _l2_box_sums(v, a, b, t):
-    """(C, S) at multiplier t: C = sum of squared bounds of the coordinates
-    saturated at t (t*v outside (a, b)), S = sum of v^2 over the others."""
+def _l2_box_terms(v, a, b, t):
+    """Per-coordinate terms of (C(t), S(t)): a coordinate is saturated at t when
+    t*v reaches the bound on the side v points to (T_i = bound / v_i <= t);
+    it then adds its bound^2 to C, otherwise v^2 to S. Only v's own side
+    counts: with x0 on a face (a = 0 or b = 0) the other bound is 0 = t*v at
+    t = 0 and must not saturate a coordinate moving away from it."""
     w = t * v
-    sat = (w >= b) | (w <= a)
-    bound = _clamp(w, a, b)
-    c = tl.sum(tl.where(sat, bound * bound, 0.0), axis=0)
-    s = tl.sum(tl.where(sat, 0.0, v * v), axis=0)
-    return c, s
+    sat = ((v > 0) & (w >= b)) | ((v < 0) & (w <= a))
+    bound = tl.where(v > 0, b, a)
+    cterm = tl.where(sat, bound * bound, 0.0)
+    sterm = tl.where(sat, 0.0, v * v)
+    return cterm, sterm
+
+
+@triton.jit
+def _l2_box_sums(v, a, b, t):
+    """(C, S) at multiplier t: C = sum of squared bounds of the saturated
+    coordinates, S = sum of v^2 over the others (see ``_l2_box_terms``)."""
+    cterm, sterm = _l2_box_terms(v, a, b, t)
+    return tl.sum(cterm, axis=0), tl.sum(sterm, axis=0)
 
 
 @triton.jit
@@ -114,9 +125,11 @@ def _l1_sums(av, u, tau):
 def _l1_update(tau, gsum, nr, nl, eps, lo_t, hi_t):
     """One safeguarded Newton step on g(tau) = eps inside the bracket [lo_t, hi_t].
 
-    Returns (next tau, lo_t, hi_t, over, done). g is piecewise linear and
+    Returns (next tau, lo_t, hi_t, done, answer). g is piecewise linear and
     nonincreasing; Newton uses the slope on the side of the root and falls
-    back to bisection when it leaves the bracket or the slope is 0.
+    back to bisection when it leaves the bracket or the slope is 0. ``answer``
+    is the tau to use if the loop stops now: tau itself when g(tau) <= eps,
+    the Newton target when converged from above, else the bracket's feasible end.
     """
     over = gsum > eps
     lo_t = tl.where(over, tau, lo_t)
@@ -125,6 +138,11 @@ def _l1_update(tau, gsum, nr, nl, eps, lo_t, hi_t):
     slope_ok = tl.where(over, nr > 0, nl > 0)
     ok = slope_ok & (newton > lo_t) & (newton < hi_t)
     nxt = tl.where(ok, newton, 0.5 * (lo_t + hi_t))
-    # Converged: g hit eps, or the step is within 2 float32 ulps of tau.
-    done = (gsum == eps) | (tl.abs(nxt - tau) <= 2.4e-7 * tau)
-    return nxt, lo_t, hi_t, over, done
+    # Converged: g hit eps, the Newton step is within 2 float32 ulps of tau
+    # (seen: a step of 0.5 ulp rounds back onto tau and would otherwise fall
+    # back to bisection for ~20 more passes), or the bracket collapsed.
+    tol = 2.4e-7 * tau
+    done = (gsum == eps) | (slope_ok & (tl.abs(newton - tau) <= tol)) | (hi_t - lo_t <= tol)
+    target = tl.minimum(tl.maximum(newton, tau), hi_t)
+    answer = tl.where(over, tl.where(done, target, hi_t), tau)
+    return nxt, lo_t, hi_t, done, answer

@@ -5,11 +5,27 @@ Inputs are images in [0, 1] (normalization belongs to the model, see
 attack runs on the shared engine (``fastadv.attacks.engine``): per-sample
 early stop with batch compaction, autocast, channels_last, torch.compile and
 CUDA graphs. See docs/attacks.md.
+
+=================  ==================================================
+FGSM, RFGSM        single step (Goodfellow 2015; Tramer 2018)
+PGD, PGDL2         Linf / L2 / L1 PGD (Madry 2018), ce | cw | dlr
+EarlyStoppedPGD    friendly AT's early-stopped PGD (Zhang 2020)
+TRADESAttack       TRADES' KL maximization (Zhang 2019)
+APGD               Auto-PGD, CE / DLR, Linf / L2 / L1 (Croce & Hein 2020)
+SPSA               gradient-free (Uesato 2018)
+TransferAttack     crafted on source models (Tramer 2018)
+InvarianceAttack   nearest other-class reference (Tramer 2020)
+=================  ==================================================
 """
 from fastadv.attacks.base import Attack, attack_loss, dlr_loss, is_fooled, margin
 from fastadv.attacks.fgsm import FGSM, RFGSM
 from fastadv.attacks.pgd import PGD, PGDL2
 from fastadv.attacks.early_stopped import EarlyStoppedPGD
+from fastadv.attacks.trades import TRADESAttack
+from fastadv.attacks.apgd import APGD
+from fastadv.attacks.spsa import SPSA
+from fastadv.attacks.transfer import Ensemble, TransferAttack
+from fastadv.attacks.invariance import InvarianceAttack
 
-__all__ = ["Attack", "FGSM", "RFGSM", "PGD", "PGDL2", "EarlyStoppedPGD", "attack_loss", "dlr_loss", "is_fooled",
-           "margin"]
+__all__ = ["Attack", "FGSM", "RFGSM", "PGD", "PGDL2", "EarlyStoppedPGD", "TRADESAttack", "APGD", "SPSA",
+           "TransferAttack", "Ensemble", "InvarianceAttack", "attack_loss", "dlr_loss", "is_fooled", "margin"]

@@ -120,7 +120,9 @@ def attack_loss(kind: str, logits: torch.Tensor, y: torch.Tensor, targeted: bool
         m = margin(logits, y)
         return -m if targeted else m
     if kind == "dlr":
-        return -dlr_loss(logits, y) if targeted else dlr_loss(logits, y)
+        if targeted:
+            raise ValueError("loss='dlr' is untargeted (targeted DLR needs the true label too); use 'ce' or 'cw'")
+        return dlr_loss(logits, y)
     raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {kind!r}")
 
 
@@ -137,6 +139,14 @@ def grad_objective(kind: str, logits: torch.Tensor, y: torch.Tensor, targeted: b
         cost = F.cross_entropy(logits, y)
         return (-cost if targeted else cost), per.detach()
     return per.sum(), per.detach()
+
+
+def grad_wrt(cost: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """d cost / d x; zeros where x does not reach cost (a model that cuts the graph, e.g. a
+    hard threshold, has a zero gradient: it is reported by evaluate, not an error)."""
+    if not cost.requires_grad:
+        return torch.zeros_like(x)
+    return torch.autograd.grad(cost, x, allow_unused=True, materialize_grads=True)[0]
 
 
 def is_fooled(logits: torch.Tensor, y: torch.Tensor, targeted: bool) -> torch.Tensor:
@@ -286,11 +296,9 @@ class Attack:
         xr = x.detach().requires_grad_(True)
         logits = self.logits(xr)
         cost, per = grad_objective(loss, logits, y, self.targeted)
-        (grad,) = torch.autograd.grad(cost, xr)
+        grad = grad_wrt(cost, xr)
         return per, grad, logits.detach()
 
     def fooled(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return is_fooled(logits, y, self.targeted)
 
-    def _device_rng(self, device) -> torch.Generator | None:
-        return None

@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from fastadv.attacks.base import Attack, attack_loss, grad_objective, is_fooled
+from fastadv.attacks.base import Attack, attack_loss, grad_objective, grad_wrt, is_fooled
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, dict, int, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -67,6 +67,13 @@ def model_forward(atk: Attack, compile: bool):
     return forward
 
 
+def objective(loss, logits, s, targeted):
+    if callable(loss):
+        cost, per = loss(logits, s)
+        return cost, per.detach()
+    return grad_objective(loss, logits, s["y"], targeted)
+
+
 def _bshape(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.reshape((-1,) + (1,) * (like.dim() - 1))
 
@@ -85,7 +92,9 @@ def run_loop(atk: Attack, x0: torch.Tensor, y: torch.Tensor, x: torch.Tensor, st
             samples; ``s`` holds the active rows of x0 ('x0'), y ('y') and of
             every tensor in ``state`` (per-sample extras such as eps, alpha,
             momentum, best loss); it may update them in place or replace them.
-        loss: 'ce' | 'cw' | 'dlr' objective whose input gradient drives the step.
+        loss: 'ce' | 'cw' | 'dlr' objective whose input gradient drives the step,
+            or a callable ``loss(logits, s) -> (scalar to differentiate, per-sample loss)``
+            (e.g. TRADES' KL to the clean prediction held in ``s``).
         early_stop: freeze a sample once fooled (after tau extra fooled steps).
         compact_every: steps between compactions (host syncs); default 1 on CPU, 4 on CUDA.
         compile, cuda_graph: see the module docstring.
@@ -104,16 +113,16 @@ def run_loop(atk: Attack, x0: torch.Tensor, y: torch.Tensor, x: torch.Tensor, st
     if cuda_graph and x.is_cuda and not early_stop:
         return _graphed_loop(atk, forward, x0, y, x, steps, step, loss, s)
 
-    def grad_at(xc, ys):
+    def grad_at(xc, ss):
         xr = xc.detach().requires_grad_(True)
         logits = forward(xr)
-        cost, per = grad_objective(loss, logits, ys, atk.targeted)
-        (g,) = torch.autograd.grad(cost, xr)
+        cost, per = objective(loss, logits, ss, atk.targeted)
+        g = grad_wrt(cost, xr)
         return g, per, logits.detach()
 
     if not early_stop:
         for t in range(steps):
-            g, per, logits = grad_at(x, s["y"])
+            g, per, logits = grad_at(x, s)
             x = step(x, g, s, t, per, logits)
         return {"x": x, **{k: v for k, v in s.items() if k not in ("x0", "y")},
                 "stopped": torch.zeros(b, dtype=torch.bool, device=x.device)}
@@ -125,7 +134,7 @@ def run_loop(atk: Attack, x0: torch.Tensor, y: torch.Tensor, x: torch.Tensor, st
     done = torch.zeros(b, dtype=torch.bool, device=x.device)
     budget = torch.full((b,), int(tau), dtype=torch.int32, device=x.device)
     for t in range(steps):
-        g, per, logits = grad_at(x, s["y"])
+        g, per, logits = grad_at(x, s)
         fooled = is_fooled(logits, s["y"], atk.targeted)
         if tau > 0:
             # FAT (Zhang et al. 2020): a fooled sample may take `tau` more steps.
@@ -168,7 +177,7 @@ def _graphed_loop(atk, forward, x0, y, x, steps, step, loss, s):
     """
     extra = {k: v for k, v in s.items() if k not in ("x0", "y")}
     key = (id(atk.model), id(step.__func__) if hasattr(step, "__func__") else id(step), tuple(x.shape), str(x.device),
-           steps, loss, atk.targeted, atk.autocast_dtype, tuple((k, tuple(v.shape)) for k, v in extra.items()))
+           steps, loss if isinstance(loss, str) else id(loss), atk.targeted, atk.autocast_dtype, tuple((k, tuple(v.shape)) for k, v in extra.items()))
     entry = _GRAPHS.get(key)
     if entry is None:
         static = {"x": x.clone(), "x0": x0.clone(), "y": y.clone(), **{k: v.clone() for k, v in extra.items()}}
@@ -179,8 +188,8 @@ def _graphed_loop(atk, forward, x0, y, x, steps, step, loss, s):
             for t in range(steps):
                 xr = xc.detach().requires_grad_(True)
                 logits = forward(xr)
-                cost, per = grad_objective(loss, logits, ss["y"], atk.targeted)
-                (g,) = torch.autograd.grad(cost, xr)
+                cost, per = objective(loss, logits, ss, atk.targeted)
+                g = grad_wrt(cost, xr)
                 xc = step(xc, g, ss, t, per, logits)
             return xc, ss
 

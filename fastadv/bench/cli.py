@@ -51,20 +51,47 @@ def _load(target: str):
     return importlib.import_module(name)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Called by ``fastadv.cli`` for ``fastadv bench``: one subparser per target."""
-    sub = parser.add_subparsers(dest="target", metavar="{" + ",".join(TARGETS) + "}")
-    # With no target, `fastadv bench` runs ops: give the bare parser ops' options too.
-    for target, help_text in TARGETS.items():
-        p = sub.add_parser(target, help=help_text, description=help_text)
-        add_common_arguments(p)
+class _TargetParser(argparse.ArgumentParser):
+    """A target's subparser that imports the target module only when it is used.
+
+    argparse hands the arguments after the target name to this parser's
+    parse_known_args, so ``fastadv bench ops`` never imports the attacks or
+    train modules (and a broken one cannot break the others).
+    """
+
+    def __init__(self, *a, target: str = "", **kw):
+        super().__init__(*a, **kw)
+        self._target = target
+        self._loaded = False
+
+    def _load_target(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
         try:
-            mod = _load(target)
-        except Exception as exc:  # a broken target must not hide the others
-            p.set_defaults(_load_error=f"{type(exc).__name__}: {exc}")
-            continue
+            mod = _load(self._target)
+        except Exception as exc:  # reported by run(): a broken target must not hide the others
+            self.set_defaults(_load_error=f"{type(exc).__name__}: {exc}")
+            return
         if mod is not None and hasattr(mod, "add_arguments"):
-            mod.add_arguments(p)
+            mod.add_arguments(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._load_target()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self):
+        self._load_target()
+        return super().format_help()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Called by ``fastadv.cli`` for ``fastadv bench``: one lazily loaded subparser per target."""
+    sub = parser.add_subparsers(dest="target", metavar="{" + ",".join(TARGETS) + "}", parser_class=_TargetParser)
+    for target, help_text in TARGETS.items():
+        p = sub.add_parser(target, help=help_text, description=help_text, target=target)
+        add_common_arguments(p)
+    # With no target, `fastadv bench` runs ops: the bare parser takes ops' options too.
     add_common_arguments(parser)
     ops = _load(DEFAULT_TARGET)
     if ops is not None and hasattr(ops, "add_arguments"):
@@ -107,6 +134,9 @@ def run(args: argparse.Namespace) -> int:
         f"# fastadv bench {target}: {env['device_name']}, torch {env['torch']}, "
         f"{env['torch_num_threads']} threads, load {', '.join(f'{v:.2f}' for v in env.get('loadavg') or [])}"
     )
+    warning = harness.load_warning(env)
+    if warning and warning not in payload.setdefault("notes", []):
+        payload["notes"].insert(0, warning)
     for note in payload.get("notes", []):
         print(f"# note: {note}")
     columns = payload.get("columns") or sorted({k for r in payload["rows"] for k in r})

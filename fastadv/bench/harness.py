@@ -25,8 +25,11 @@ API
 ``environment(device="cpu") -> dict``
     The stamp every result carries: device name (CPU model from
     /proc/cpuinfo, or ``torch.cuda.get_device_name``), cores, torch / triton /
-    fastadv / python versions, OMP_NUM_THREADS and ``torch.get_num_threads()``,
-    load average, git commit when run from a checkout, and the UTC date.
+    fastadv / python versions, OMP_NUM_THREADS, OMP_WAIT_POLICY and
+    ``torch.get_num_threads()``, the load average (on a shared machine a
+    spinning OpenMP thread that loses its core costs a whole scheduler tick:
+    medians of 8 or 16 ms for 0.05 ms calls were seen here at load 5 on 2
+    cores), git commit when run from a checkout, and the UTC date.
 ``write_result(name, payload, out_dir=None) -> Path``
     Writes ``payload`` (plus the environment stamp if absent) as JSON to
     ``<out_dir>/<name>-<device-slug>-<YYYYmmdd-HHMMSS>.json``; ``out_dir``
@@ -87,6 +90,7 @@ __all__ = [
     "copy_bandwidth",
     "gbs",
     "environment",
+    "load_warning",
     "device_name",
     "device_slug",
     "default_results_dir",
@@ -150,11 +154,16 @@ def time_fn(
     """
     if _is_cuda(device):
         return _time_cuda(fn, warmup=warmup, min_time=min_time, min_runs=min_runs)
+    # Warm-up stops early once it has used min_time: a 3 s call (the sort-based
+    # L1 projection at 32x3x224x224 on 2 cores) needs one warm-up call, not three.
+    start = time.perf_counter()
     for _ in range(max(warmup, 1)):
+        t0 = time.perf_counter()
         fn()
-    t0 = time.perf_counter()
-    fn()
-    est = max(time.perf_counter() - t0, 1e-9)
+        now = time.perf_counter()
+        if now - start > max(min_time, 0.01):
+            break
+    est = max(now - t0, 1e-9)  # the last warm-up call sets the group size
     group = 1 if est >= group_s else int(math.ceil(group_s / est))
     samples: list[float] = []
     deadline = time.perf_counter() + min_time
@@ -271,6 +280,7 @@ def environment(device="cpu") -> dict:
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "torch_num_threads": torch.get_num_threads(),
         "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "torch": torch.__version__,
@@ -288,6 +298,15 @@ def environment(device="cpu") -> dict:
         env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
         env["gpu_sm_count"] = props.multi_processor_count
     return env
+
+
+def load_warning(env: dict) -> str | None:
+    """A warning when the 1-minute load average exceeds 75% of the cores (CPU timings are then disturbed)."""
+    load, cores = env.get("loadavg"), env.get("cpu_affinity") or env.get("cpu_count")
+    if env.get("device", "cpu") != "cpu" or not load or not cores or load[0] <= 0.75 * cores:
+        return None
+    return (f"load average {load[0]:.2f} on {cores} cores: other processes share the CPU, so medians "
+            "are inflated and noisy (compare min ms, or re-run when `uptime` shows a quiet machine)")
 
 
 # ------------------------------------------------------------------ output

@@ -9,7 +9,8 @@ For each op, shape and dtype, in one process and on the same inputs:
 * ``compile ref``: ``torch.compile(reference, dynamic=False)`` (Inductor),
   the tool a user would reach for instead; the first call (compilation) is
   timed separately (``compile_s``) and excluded.
-* ``<backend>``: the public op ``fastadv.ops.<op>(..., out=out)`` inside
+* ``<backend>`` (every available one except ``ref``, which is timed only
+  when ``--backends`` names it): the public op ``fastadv.ops.<op>(..., out=out)`` inside
   ``fastadv.use_backend(backend)`` and ``fastadv.validation(False)`` (as the
   attack engine calls it in its step loop);
 * ``<backend> +checks``: the same with the data-reading checks on (the
@@ -234,7 +235,10 @@ def _log(msg: str) -> None:
 
 def _select_backends(requested, device: torch.device, notes: list[str]) -> list[str]:
     avail = fastadv.backends()
-    names = [b.strip() for b in requested.split(",")] if requested else [b for b in _dispatch.BACKENDS]
+    # The 'ref' backend is the reference plus the public wrapper and a copy into
+    # out; the "eager ref" row already times the reference, so 'ref' is timed
+    # only when asked for.
+    names = [b.strip() for b in requested.split(",")] if requested else [b for b in _dispatch.BACKENDS if b != "ref"]
     chosen = []
     for b in names:
         if b not in avail:
@@ -297,6 +301,7 @@ def run(args) -> dict:
             dst = torch.empty_like(src)
             t_copy = harness.time_fn(lambda: dst.copy_(src), **timing)
             copy_gbs = harness.gbs(2 * src.numel() * src.element_size(), t_copy.median_ms)
+            copy_gbs_min = harness.gbs(2 * src.numel() * src.element_size(), t_copy.min_ms)
             del src, dst
             base = dict(shape=shape_str(shape), dtype=str(dtype).replace("torch.", ""))
             rows_out.append(
@@ -311,7 +316,8 @@ def run(args) -> dict:
                 def record(impl, t: harness.Timing, **extra):
                     gb = harness.gbs(case.nbytes, t.median_ms)
                     row = dict(base, op=label, impl=impl, ms=t.median_ms, min_ms=t.min_ms, iqr_ms=t.iqr_ms, n=t.n,
-                               bytes=case.nbytes, gbs=gb, frac_copy=gb / copy_gbs, **extra)
+                               bytes=case.nbytes, gbs=gb, frac_copy=gb / copy_gbs,
+                               frac_copy_min=harness.gbs(case.nbytes, t.min_ms) / copy_gbs_min, **extra)
                     group.append(row)
                     return row
 
@@ -347,10 +353,14 @@ def run(args) -> dict:
                         record(f"{b} +checks", harness.time_fn(case.public, **timing))
                     if b != "ref":
                         record(f"{b} raw", harness.time_fn(case.raw(b), **timing))
+                # Ratios of medians (the table) and of fastest samples (the JSON's
+                # *_min: on a loaded machine the fastest sample is the better estimate).
                 for row in group:
                     row["speedup"] = t_ref.median_ms / row["ms"]
+                    row["speedup_min"] = t_ref.min_ms / row["min_ms"]
                     if t_comp is not None:
                         row["vs_compile"] = t_comp.median_ms / row["ms"]
+                        row["vs_compile_min"] = t_comp.min_ms / row["min_ms"]
                 rows_out.extend(group)
                 del case
     payload = {
@@ -382,35 +392,43 @@ def _find(rows_, **kw):
     return None
 
 
+def _target(name, row, key, goal, fmt):
+    """A target met on the medians; ``met_at_min`` says whether the fastest samples meet it."""
+    med, best = row.get(key), row.get(key + "_min")
+    measured = fmt.format(med) + ("" if best is None else f" (fastest samples: {fmt.format(best)})")
+    if key == "frac_copy":
+        measured += f", {row['gbs']:.1f} GB/s"
+    return dict(target=name, met=med >= goal, met_at_min=None if best is None else best >= goal, measured=measured)
+
+
 def check_targets(rows_: list[dict], device) -> list[dict]:
-    """The issue's targets, checked on the measured rows (median times)."""
+    """The issue's targets, checked on the measured rows (median times; also on the fastest samples)."""
     device = torch.device(device)
     out = []
-    shapes = sorted({r["shape"] for r in rows_})
+    # The issue states its targets for these shapes only (not for --quick or --shapes).
+    issue_shapes = {shape_str(s) for s in SHAPES}
+    shapes = [s for s in dict.fromkeys(r["shape"] for r in rows_) if s in issue_shapes]
     if device.type == "cpu":
         for shape in shapes:
             for op in ("linf_step", "l2_step"):
                 r = _find(rows_, op=op, shape=shape, dtype="float32", impl="cpp")
                 if r is None:
                     continue
-                out.append(dict(target=f"cpp {op} {shape} >= 3x eager reference", met=r["speedup"] >= 3,
-                                measured=f"{r['speedup']:.2f}x"))
+                out.append(_target(f"cpp {op} {shape} >= 3x eager reference", r, "speedup", 3, "{:.2f}x"))
                 if r.get("vs_compile") is not None:
-                    out.append(dict(target=f"cpp {op} {shape} >= torch.compile(reference)", met=r["vs_compile"] >= 1,
-                                    measured=f"{r['vs_compile']:.2f}x"))
-                out.append(dict(target=f"cpp {op} {shape} >= 50% of copy bandwidth", met=r["frac_copy"] >= 0.5,
-                                measured=f"{r['frac_copy']:.0%} ({r['gbs']:.1f} GB/s)"))
+                    out.append(_target(f"cpp {op} {shape} >= torch.compile(reference)", r, "vs_compile", 1, "{:.2f}x"))
+                out.append(_target(f"cpp {op} {shape} >= 50% of copy bandwidth", r, "frac_copy", 0.5, "{:.0%}"))
             r = _find(rows_, op="project_l1", shape=shape, dtype="float32", impl="cpp")
             if r is not None:
-                out.append(dict(target=f"cpp project_l1 {shape} >= 20x sort-based eager projection",
-                                met=r["speedup"] >= 20, measured=f"{r['speedup']:.1f}x"))
+                out.append(_target(f"cpp project_l1 {shape} >= 20x sort-based eager projection", r, "speedup", 20,
+                                   "{:.1f}x"))
     else:
         for op in ("linf_step", "l2_step"):
             for dt in ("float32", "bfloat16"):
                 r = _find(rows_, op=op, shape="32x3x224x224", dtype=dt, impl="triton")
                 if r is not None:
-                    out.append(dict(target=f"triton {op} 32x3x224x224 {dt} >= 80% of copy bandwidth",
-                                    met=r["frac_copy"] >= 0.8, measured=f"{r['frac_copy']:.0%} ({r['gbs']:.0f} GB/s)"))
+                    out.append(_target(f"triton {op} 32x3x224x224 {dt} >= 80% of copy bandwidth", r, "frac_copy", 0.8,
+                                       "{:.0%}"))
         for shape in shapes:
             best = None
             for b in ("cuda", "triton"):
@@ -418,6 +436,6 @@ def check_targets(rows_: list[dict], device) -> list[dict]:
                 if r is not None and (best is None or r["speedup"] > best["speedup"]):
                     best = r
             if best is not None:
-                out.append(dict(target=f"{best['impl']} project_l1 {shape} >= 10x sort-based projection",
-                                met=best["speedup"] >= 10, measured=f"{best['speedup']:.1f}x"))
+                out.append(_target(f"{best['impl']} project_l1 {shape} >= 10x sort-based projection", best, "speedup",
+                                   10, "{:.1f}x"))
     return out

@@ -1,0 +1,435 @@
+// Shared pieces of the CPU Lp kernels (lp_steps.cpp, lp_project.cpp):
+// argument checks, element conversion, the fixed-chunk parallel schedule and
+// the sort-free L1-ball-with-box solver.
+//
+// Determinism: every per-sample reduction is a sum over fixed chunks of
+// kChunk elements (a chunk's partial sum is one `omp simd` loop, accumulated
+// in double), combined in chunk order. Which thread computes a chunk depends
+// on the thread count; the partition and the order of additions do not, so
+// results are bit-identical for any torch.set_num_threads (tested).
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace fastadv {
+namespace cpu {
+
+// 16384 elements = 64 KiB of float32 per array: small enough that two chunks
+// of three arrays sit in L2 (2 MiB per core here), large enough that the
+// per-chunk overhead (a few ns) is noise. Fixed, so sums do not depend on the
+// thread count.
+constexpr int64_t kChunk = 16384;
+
+inline int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
+
+// ---------------------------------------------------------------- checks
+inline void check_rows(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(t.device().is_cpu(), "fastadv (cpp): ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 2, "fastadv (cpp): ", name, " must be 2-D (B, N) rows, got ", t.dim(), "-D");
+  TORCH_CHECK(t.sizes() == like.sizes(), "fastadv (cpp): ", name, " has shape ", t.sizes(), " but expected ",
+              like.sizes());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "fastadv (cpp): ", name, " has dtype ", t.scalar_type(),
+              " but expected ", like.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "fastadv (cpp): ", name, " must be contiguous (B, N) rows");
+}
+
+inline void check_first(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "fastadv (cpp): ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 2, "fastadv (cpp): ", name, " must be 2-D (B, N) rows, got ", t.dim(), "-D");
+  TORCH_CHECK(t.is_contiguous(), "fastadv (cpp): ", name, " must be contiguous (B, N) rows");
+  auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, "fastadv (cpp): ",
+              name, " must be float32, float16, bfloat16 or float64, got ", st);
+}
+
+inline void check_per_sample(const at::Tensor& t, const char* name, int64_t b) {
+  TORCH_CHECK(t.device().is_cpu(), "fastadv (cpp): ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "fastadv (cpp): ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == b, "fastadv (cpp): ", name, " must have shape (B,) = (", b,
+              ",), got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "fastadv (cpp): ", name, " must be contiguous");
+}
+
+inline void check_box(double lo, double hi) {
+  TORCH_CHECK(!(lo > hi), "fastadv (cpp): the box needs lo <= hi, got lo=", lo, " hi=", hi);
+}
+
+// ------------------------------------------------------------- elements
+template <class T>
+using acc_type = at::opmath_type<T>;  // float for float/half/bf16, double for double
+
+// NaN -> 0 without a branch (vectorizes as a compare + and).
+template <class A>
+inline A nan0(A g) { return g == g ? g : A(0); }
+
+template <class A>
+inline A sign_of(A g) { return (g > A(0) ? A(1) : A(0)) - (g < A(0) ? A(1) : A(0)); }
+
+template <class A>
+inline A clamp_to(A v, A lo, A hi) {
+  // torch.clamp order: max with the lower bound first, then min with the upper.
+  v = v < lo ? lo : v;
+  return v > hi ? hi : v;
+}
+
+// GCC function multiversioning for the hot row loops: an AVX-512 and an AVX2
+// clone beside the baseline x86-64 (SSE2) one, picked once at load time.
+// The build targets baseline x86-64, so without this the loops run 4 floats
+// wide. Measured on this Xeon (one thread, one 3x224x224 float32 row,
+// L2-resident, best of 50): linf_step row 0.22 -> 0.07 ms, l2_step write row
+// 0.24 -> 0.07 ms, l2_step reduction 0.16 -> 0.05 ms. -ffp-contract=off still
+// applies to every clone, so float32 linf_step stays bit-exact.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FASTADV_NO_CLONES)
+#define FASTADV_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FASTADV_CLONES
+#endif
+
+// Float sums in blocks of 128 elements (8 to 32 per SIMD lane), blocks
+// summed in double. Accumulating every product in double measured 4x slower
+// (the widening conversions; 0.23 vs 0.056 ms per 3x224x224 row with
+// AVX-512) for no accuracy that matters here: the per-lane float sums are
+// exact to ~1e-7 relative, as good as torch's own float32 reduction.
+constexpr int64_t kSumBlock = 128;
+
+// ------------------------------------------------------------- schedule
+// Runs f(b, begin, end) over every (sample, chunk) item, in parallel. Each
+// item is independent (elementwise ops).
+template <class F>
+inline void for_each_chunk(int64_t B, int64_t N, const F& f) {
+  const int64_t nc = num_chunks(N);
+  const int64_t items = B * nc;
+  // Below ~32k elements a parallel region (a few us to wake the pool) costs
+  // more than the work.
+  const int64_t grain = std::max<int64_t>(1, (32768 + std::min(N, kChunk) - 1) / std::min(N, kChunk));
+  at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t b = it / nc, c = it % nc;
+      const int64_t s = c * kChunk, e = std::min(N, s + kChunk);
+      f(b, s, e);
+    }
+  });
+}
+
+// Two-pass row op: acc = sum over chunks of reduce(b, s, e) (in chunk order),
+// p = finalize(b, acc), then write(b, p, s, e) over every chunk.
+// Samples are split over threads; when B is not a multiple of the thread
+// count and rows are long, the remainder samples are split by chunks instead,
+// so both cores work on 32x3x224x224 and on a batch of 1.
+template <class Acc, class Param, class R, class Fin, class W>
+inline void two_pass_rows(int64_t B, int64_t N, const R& reduce, const Fin& finalize, const W& write) {
+  const int64_t nc = num_chunks(N);
+  const int64_t T = std::max<int64_t>(1, at::get_num_threads());
+  const bool split_rows = nc >= 2 && !at::in_parallel_region();
+  const int64_t b_full = split_rows ? (B / T) * T : B;
+
+  auto whole_row = [&](int64_t b) {
+    Acc acc{};
+    for (int64_t c = 0; c < nc; ++c) acc += reduce(b, c * kChunk, std::min(N, (c + 1) * kChunk));
+    const Param p = finalize(b, acc);
+    for (int64_t c = 0; c < nc; ++c) write(b, p, c * kChunk, std::min(N, (c + 1) * kChunk));
+  };
+  if (b_full > 0) {
+    // One sample per item. Grain: rows short enough that a parallel region
+    // does not pay run inline.
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, N));
+    at::parallel_for(0, b_full, grain, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) whole_row(b);
+    });
+  }
+  const int64_t rem = B - b_full;
+  if (rem == 0) return;
+  std::vector<Acc> part(rem * nc);
+  at::parallel_for(0, rem * nc, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t b = b_full + it / nc, c = it % nc;
+      part[it] = reduce(b, c * kChunk, std::min(N, (c + 1) * kChunk));
+    }
+  });
+  std::vector<Param> params(rem);
+  for (int64_t r = 0; r < rem; ++r) {
+    Acc acc{};
+    for (int64_t c = 0; c < nc; ++c) acc += part[r * nc + c];  // same order as whole_row
+    params[r] = finalize(b_full + r, acc);
+  }
+  at::parallel_for(0, rem * nc, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t r = it / nc, c = it % nc;
+      write(b_full + r, params[r], c * kChunk, std::min(N, (c + 1) * kChunk));
+    }
+  });
+}
+
+// ------------------------------------------------------ L1 ball with box
+// Euclidean projection onto {||d||_1 <= eps} n {a <= d <= b} (0 in the box):
+// d_i = clamp(sign(v_i) * max(|v_i| - tau, 0), a_i, b_i) where tau >= 0 solves
+//   g(tau) = sum_i clip(|v_i| - tau, 0, u_i) = eps,   u_i = b_i if v_i > 0 else -a_i,
+// (tau = 0 when g(0) <= eps). g is continuous, piecewise linear and
+// nonincreasing, with breakpoints |v_i| - u_i (coordinate stops saturating)
+// and |v_i| (it reaches 0); slope -#{i : 0 < |v_i| - tau < u_i}.
+//
+// Sort-free: keep a bracket [tl, th] with g(tl) > eps >= g(th); at each
+// iterate take the Newton step (the root of the linear piece through tau)
+// when it falls inside the bracket, else bisect. Stop when the Newton root
+// lies inside the current piece (between the nearest breakpoints around
+// tau): then the active sets no longer change and the root is exact. Without
+// a box (u = +inf) g is convex and Newton from below is Michelot's
+// algorithm, increasing monotonically to tau*.
+//
+// Warm start: on rows longer than kL1SampleMin the first iterate is the
+// solution of the same problem on every kL1Stride-th coordinate with eps
+// scaled by the sample fraction (recursively), which lands within a few
+// percent of tau*. Newton from tau = 0 took 9 to 11 full passes on random
+// 3x224x224 rows; from the warm start 3 to 5 (1.05 -> 0.35 ms per row,
+// one thread).
+//
+// Coordinates whose contribution is constant over the bracket (|v_i| <= tl:
+// always 0; |v_i| - u_i >= th: always u_i) are compacted out of the scratch
+// arrays once the bracket has both ends, so later passes touch only the
+// undecided coordinates.
+//
+// av[0..n), cap[0..n): |v_i| and u_i (+inf for no box; av_i = 0 for a
+// coordinate that cannot move); overwritten. Precondition: eps > 0 and
+// g(0) > eps. Returns tau in (0, max|v|].
+struct L1Stats {
+  int iterations = 0;
+};
+
+constexpr int64_t kL1SampleMin = 8192;
+constexpr int64_t kL1Stride = 16;
+
+// One evaluation of g at t over the active coordinates: the sum of |v_i| and
+// the count over the linear region, the sum of u_i over the saturated ones,
+// and the nearest breakpoints below/above t.
+template <class A>
+FASTADV_CLONES void l1_eval(const A* av, const A* cap, int64_t n, A t, double* s_lin, double* c_sat, double* cnt,
+                            A* bp_lo, A* bp_hi) {
+  constexpr A kInf = std::numeric_limits<A>::infinity();
+  double s = 0.0, c = 0.0, k = 0.0;
+  A lo = -kInf, hi = kInf;
+  for (int64_t b0 = 0; b0 < n; b0 += kSumBlock) {
+    const int64_t b1 = std::min(n, b0 + kSumBlock);
+    A bs = A(0), bc = A(0), bk = A(0);
+#pragma omp simd reduction(+ : bs, bc, bk) reduction(max : lo) reduction(min : hi)
+    for (int64_t i = b0; i < b1; ++i) {
+      const A a = av[i], u = cap[i];
+      const A r = a - t;
+      const bool lin = (r > A(0)) & (r < u);
+      bs += lin ? a : A(0);
+      bk += lin ? A(1) : A(0);
+      bc += r >= u ? u : A(0);
+      const A p2 = a - u;  // -inf when u = inf
+      lo = std::max(lo, std::max(a <= t ? a : -kInf, p2 <= t ? p2 : -kInf));
+      hi = std::min(hi, std::min(a > t ? a : kInf, p2 > t ? p2 : kInf));
+    }
+    s += bs;
+    c += bc;
+    k += bk;
+  }
+  *s_lin = s;
+  *c_sat = c;
+  *cnt = k;
+  *bp_lo = lo;
+  *bp_hi = hi;
+}
+
+// g(0) = sum min(|v_i|, u_i) and max |v_i| over the scratch arrays.
+template <class A>
+FASTADV_CLONES void l1_g0(const A* av, const A* cap, int64_t n, double* g0, A* vmax) {
+  double s = 0.0;
+  A mx = A(0);
+  for (int64_t b0 = 0; b0 < n; b0 += kSumBlock) {
+    const int64_t b1 = std::min(n, b0 + kSumBlock);
+    A bs = A(0);
+#pragma omp simd reduction(+ : bs) reduction(max : mx)
+    for (int64_t i = b0; i < b1; ++i) {
+      const A a = av[i], u = cap[i];
+      bs += a < u ? a : u;
+      mx = std::max(mx, a);
+    }
+    s += bs;
+  }
+  *g0 = s;
+  *vmax = mx;
+}
+
+// Scratch from v (n values of type TV) and the box around x0 (nullptr: no
+// box): av_i = |v_i| (0 if the coordinate cannot move), cap_i = u_i.
+template <class TV, class TX>
+FASTADV_CLONES void l1_fill(const TV* v, const TX* x0, acc_type<TX> lo, acc_type<TX> hi, acc_type<TX>* av,
+                            acc_type<TX>* cap, int64_t n) {
+  using A = acc_type<TX>;
+  constexpr A kInf = std::numeric_limits<A>::infinity();
+  if (x0 != nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const A vi = static_cast<A>(v[i]), z = static_cast<A>(x0[i]);
+      A u = vi > A(0) ? hi - z : -(lo - z);  // bounds rounded as the reference: lo - x0, hi - x0
+      u = u > A(0) ? u : A(0);
+      u = vi != A(0) ? u : A(0);
+      const A a = std::abs(vi);
+      av[i] = u > A(0) ? a : A(0);
+      cap[i] = u;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      av[i] = std::abs(static_cast<A>(v[i]));
+      cap[i] = kInf;
+    }
+  }
+}
+
+// The answer: d_i = clamp(sign(v_i) max(|v_i| - tau, 0), lo - x0_i, hi - x0_i)
+// into out (STEP: out = clamp(x0 + d, lo, hi), the rounding-only clamp of
+// l1_step). Reads v_i and x0_i before writing out_i.
+template <bool STEP, class TV, class TX>
+FASTADV_CLONES void l1_write(const TV* v, const TX* x0, acc_type<TX> lo, acc_type<TX> hi, acc_type<TX> tau, TX* out,
+                             int64_t n) {
+  using A = acc_type<TX>;
+  if (x0 != nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const A vi = static_cast<A>(v[i]), z = static_cast<A>(x0[i]);
+      const A r = std::abs(vi) - tau;
+      const A d = clamp_to(sign_of(vi) * (r > A(0) ? r : A(0)), lo - z, hi - z);
+      out[i] = static_cast<TX>(STEP ? clamp_to(z + d, lo, hi) : d);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const A vi = static_cast<A>(v[i]);
+      const A r = std::abs(vi) - tau;
+      out[i] = static_cast<TX>(sign_of(vi) * (r > A(0) ? r : A(0)));
+    }
+  }
+}
+
+// Drop coordinates constant over [tl, th]; returns the new count and adds
+// the caps of the always-saturated ones to *c_const.
+template <class A>
+inline int64_t l1_compact(A* av, A* cap, int64_t n, A tl, A th, double* c_const) {
+  int64_t m = 0;
+  double add = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const A a = av[i], c = cap[i];
+    const bool zero = a <= tl;
+    const bool full = (a - c) >= th;
+    add += full ? static_cast<double>(c) : 0.0;
+    av[m] = a;
+    cap[m] = c;
+    m += (zero | full) ? 0 : 1;
+  }
+  *c_const += add;
+  return m;
+}
+
+template <class A>
+double l1_tau(A* av, A* cap, int64_t n, double eps, double vmax, L1Stats* stats = nullptr);
+
+// Warm start from a strided subsample (see above); 0 when the row is short
+// or the subsample gives no information.
+template <class A>
+double l1_tau_guess(const A* av, const A* cap, int64_t n, double eps, double vmax) {
+  if (n < kL1SampleMin) return 0.0;
+  const int64_t m = n / kL1Stride;
+  std::vector<A> sav(m), scap(m);
+  for (int64_t j = 0; j < m; ++j) {
+    sav[j] = av[j * kL1Stride];
+    scap[j] = cap[j * kL1Stride];
+  }
+  const double seps = eps * static_cast<double>(m) / static_cast<double>(n);
+  double g0;
+  A smax;
+  l1_g0(sav.data(), scap.data(), m, &g0, &smax);
+  if (!(g0 > seps)) return 0.0;
+  const double t = l1_tau<A>(sav.data(), scap.data(), m, seps, static_cast<double>(smax));
+  return std::min(t, vmax);
+}
+
+template <class A>
+double l1_tau(A* av, A* cap, int64_t n, double eps, double vmax, L1Stats* stats) {
+  constexpr A kInf = std::numeric_limits<A>::infinity();
+  double tl = 0.0, th = vmax;  // g(0) > eps >= 0 = g(max |v|)
+  double c_const = 0.0;        // sum of u_i over coordinates saturated on the whole bracket
+  double tau = l1_tau_guess<A>(av, cap, n, eps, vmax);
+  tau = static_cast<double>(static_cast<A>(tau));
+  if (!(tau < th)) tau = 0.0;
+  bool have_th = false;  // th evaluated (not just the a priori max |v|)
+  int it = 0;
+  bool done = false;
+  // Each iteration lands on the root, or at least halves the bracket, which
+  // lives on float grid points: 200 is far more than a bracket can take
+  // (measured: 3 to 5 iterations on random 3x224x224 rows).
+  for (; it < 200 && !done; ++it) {
+    const A t = static_cast<A>(tau);
+    double s_lin = 0.0, c_sat = 0.0, cnt = 0.0;
+    A bp_lo = -kInf, bp_hi = kInf;
+    l1_eval(av, cap, n, t, &s_lin, &c_sat, &cnt, &bp_lo, &bp_hi);
+    const double total = c_const + c_sat + s_lin;  // g(tau) = total - cnt * tau
+    const double g = total - cnt * static_cast<double>(t);
+    if (g == eps) {  // t itself is a root (also covers a flat piece at eps)
+      done = true;
+      break;
+    }
+    if (g > eps) {
+      tl = std::max(tl, static_cast<double>(t));
+    } else {
+      th = std::min(th, static_cast<double>(t));
+      have_th = true;
+    }
+    double next = 0.5 * (tl + th);  // bisection unless Newton lands inside the bracket
+    if (cnt > 0.0) {
+      const double root = (total - eps) / cnt;
+      // The piece through tau spans [bp_lo, bp_hi]: a root inside it is exact.
+      if (root >= std::max<double>(bp_lo, tl) && root <= std::min<double>(bp_hi, th)) {
+        tau = root;
+        done = true;
+        break;
+      }
+      if (root > tl && root < th) next = root;
+    }
+    // tl, th are floats of type A (every iterate is evaluated at a float t).
+    const A tlA = static_cast<A>(tl), thA = static_cast<A>(th);
+    A nt = static_cast<A>(next);
+    if (!(nt > tlA)) nt = std::nextafter(tlA, kInf);
+    if (!(nt < thA)) nt = std::nextafter(thA, -kInf);
+    if (!(nt > tlA && nt < thA)) {
+      // tl and th are adjacent floats: th is the closest feasible tau.
+      tau = th;
+      done = true;
+      break;
+    }
+    tau = static_cast<double>(nt);
+    // Compacting costs a scalar pass; it pays once the bracket is two-sided
+    // (before that, only |v_i| <= tl can go).
+    if (have_th || tl > 0.0) n = l1_compact(av, cap, n, tlA, thA, &c_const);
+  }
+  if (!done) tau = th;  // unreachable in practice; th is feasible (g(th) <= eps)
+  if (stats) stats->iterations = it + 1;
+  return tau;
+}
+
+// tau for one row, from filled scratch arrays (handles eps = 0 and inside).
+template <class A>
+double l1_row_tau(A* av, A* cap, int64_t n, double eps, L1Stats* stats = nullptr) {
+  if (!(eps > 0.0)) return std::numeric_limits<double>::infinity();  // eps = 0: d = 0 exactly
+  double g0;
+  A vmax;
+  l1_g0(av, cap, n, &g0, &vmax);
+  if (g0 <= eps) return 0.0;  // already inside: d = clamp(v, a, b)
+  return l1_tau<A>(av, cap, n, eps, static_cast<double>(vmax), stats);
+}
+
+}  // namespace cpu
+}  // namespace fastadv

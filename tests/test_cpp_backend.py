@@ -1,0 +1,147 @@
+"""C++-specific tests of the compiled Lp kernels (csrc/cpu/, csrc/cuda/).
+
+The backend-parametrized correctness tests (every backend against
+fastadv.reference.lp) live in tests/test_ops.py; this file checks what only
+the compiled ops promise:
+* the registered ops pass torch.library.opcheck (schema, fake kernel,
+  mutation of ``out`` only);
+* OpenMP thread-count invariance: the reductions sum fixed 16384-element
+  chunks in a fixed order, so 1 and 2 threads give bit-identical results,
+  including the split-within-a-sample path (B not a multiple of the thread
+  count, rows longer than one chunk);
+* ``out`` may alias the first input (an in-place attack step);
+* the CUDA sources compile with nvcc (scripts/check_nvcc.sh) where nvcc exists.
+"""
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from fastadv import _ext
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+OPS = ("linf_step", "l2_step", "l1_step", "project_linf", "project_l2", "project_l1")
+
+needs_cpp = pytest.mark.skipif(
+    _ext.EXT_ERROR is not None or not all(_ext.has_kernel(op, "CPU") for op in OPS),
+    reason=f"compiled CPU kernels unavailable: {_ext.EXT_ERROR}",
+)
+
+
+def _inputs(b, n, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(b, n, generator=gen, dtype=torch.float64)
+    x0[:, ::7] = 0.0  # points on the box boundary
+    x0[:, 3::7] = 1.0
+    x = (x0 + 0.05 * torch.randn(b, n, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    g = torch.randn(b, n, generator=gen, dtype=torch.float64)
+    delta = 0.1 * torch.randn(b, n, generator=gen, dtype=torch.float64)
+    alpha = torch.rand(b, generator=gen) * 0.1 + 0.01
+    eps = torch.rand(b, generator=gen) * 2.0 + 0.1
+    return [t.to(dtype) for t in (x, x0, g, delta)] + [alpha, eps]
+
+
+def _call(op, x, x0, g, delta, alpha, eps, out, box=True):
+    """Invoke torch.ops.fastadv.<op> with the schema's arguments."""
+    f = getattr(torch.ops.fastadv, op)
+    lo, hi = (0.0, 1.0) if box else (-math.inf, math.inf)
+    if op in ("linf_step", "l2_step"):
+        return f(x, x0, g, alpha, eps, lo, hi, out)
+    if op == "l1_step":
+        return f(x, x0, g, alpha, eps * 5, 0.9, lo, hi, out)
+    eps_p = eps * 5 if op == "project_l1" else eps
+    return f(delta, eps_p, x0 if box else None, lo, hi, out)
+
+
+def _run(op, args, box=True):
+    out = torch.full_like(args[0], math.nan)  # poison: an unwritten element fails
+    _call(op, *args, out, box=box)
+    return out
+
+
+@needs_cpp
+@pytest.mark.parametrize("op", OPS)
+def test_opcheck(op):
+    args = _inputs(3, 37)
+    out = torch.full_like(args[0], math.nan)
+    f = getattr(torch.ops.fastadv, op)
+    x, x0, g, delta, alpha, eps = args
+    if op in ("linf_step", "l2_step"):
+        call = (x, x0, g, alpha, eps, 0.0, 1.0, out)
+    elif op == "l1_step":
+        call = (x, x0, g, alpha, eps, 0.9, 0.0, 1.0, out)
+    else:
+        call = (delta, eps, x0, 0.0, 1.0, out)
+    torch.library.opcheck(f, call)
+    if op.startswith("project"):  # the x0=None (no box) form of the schema
+        torch.library.opcheck(f, (delta, eps, None, -math.inf, math.inf, out))
+
+
+@needs_cpp
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_thread_count_invariance(op, dtype):
+    # (3, 40000): 3 chunks per row and B = 3 is not a multiple of 2 threads,
+    # so with 2 threads one sample is split across both; (8, 777): whole rows.
+    prev = torch.get_num_threads()
+    try:
+        for b, n in ((3, 40000), (8, 777)):
+            args = _inputs(b, n, dtype, seed=b)
+            for box in (True, False):
+                if not box and not op.startswith("project"):
+                    continue
+                torch.set_num_threads(1)
+                one = _run(op, args, box)
+                torch.set_num_threads(2)
+                two = _run(op, args, box)
+                assert not one.isnan().any()
+                assert torch.equal(one, two), f"{op} {dtype} ({b}, {n}) box={box}: 1 vs 2 threads differ"
+    finally:
+        torch.set_num_threads(prev)
+
+
+@needs_cpp
+@pytest.mark.parametrize("op", OPS)
+def test_out_may_alias_first_input(op):
+    args = _inputs(5, 20000, seed=3)
+    expect = _run(op, args)
+    first = 3 if op.startswith("project") else 0  # delta or x
+    aliased = [t.clone() for t in args]
+    _call(op, *aliased, aliased[first])
+    torch.testing.assert_close(aliased[first], expect, rtol=0, atol=0)
+
+
+@needs_cpp
+def test_bad_arguments_are_named():
+    x, x0, g, delta, alpha, eps = _inputs(2, 10)
+    out = torch.empty_like(x)
+    with pytest.raises(RuntimeError, match="x0"):
+        torch.ops.fastadv.linf_step(x, x0[:, :5].contiguous(), g, alpha, eps, 0.0, 1.0, out)
+    with pytest.raises(RuntimeError, match="alpha"):
+        torch.ops.fastadv.l2_step(x, x0, g, alpha.double(), eps, 0.0, 1.0, out)
+    with pytest.raises(RuntimeError, match="eps"):
+        torch.ops.fastadv.project_l1(delta, eps[:1], None, -math.inf, math.inf, out)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.fastadv.project_l2(delta.t().contiguous().t(), eps, None, -math.inf, math.inf, out)
+    with pytest.raises(RuntimeError, match="grad"):
+        torch.ops.fastadv.l1_step(x, x0, g.double(), alpha, eps, 0.5, 0.0, 1.0, out)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"), reason="nvcc not found"
+)
+def test_cuda_sources_compile_with_nvcc():
+    # About 40 s of CPU per .cu file (torch headers dominate); this is the
+    # only check the CUDA sources get on a machine without a GPU.
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "check_nvcc.sh")], capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "FAIL" not in proc.stdout

@@ -1,0 +1,196 @@
+"""The training loop: exact stop/resume (SIGTERM and max_steps), checkpoints that fail
+clearly, torchrun with gloo matching one process, the CLI, and PGD-AT beating
+standard training on real MNIST."""
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastadv.data import embedded_mnist, load_mnist
+from fastadv.models import MnistCNN
+from fastadv.train import CheckpointError, TrainConfig, Trainer, load_checkpoint, methods as M, save_checkpoint
+from fastadv.train.distributed import shard_indices
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def small():
+    x, y = embedded_mnist("train")
+    return x[:192].clone(), y[:192].clone()
+
+
+def _run(data, out, method, epochs=2, callbacks=None, resume=False, max_steps=None, save_every=0, heldout=None):
+    torch.manual_seed(0)
+    net = MnistCNN(width=0.25)
+    cfg = TrainConfig(epochs=epochs, batch_size=32, optimizer="sgd", lr=0.05, schedule="cosine", out_dir=str(out),
+                      resume=resume, progress=False, max_steps=max_steps, save_every=save_every, log_every=1,
+                      eval_eps=0.1, eval_alpha=0.05, eval_steps=2, eval_samples=32, plot=False)
+    tr = Trainer(net, method(), data, heldout, cfg, callbacks=callbacks)
+    return tr.fit(), net
+
+
+def _same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _pgd():
+    return M.PGDAT(eps=0.1, alpha=0.05, steps=2)
+
+
+def _free():
+    return M.FreeAT(eps=0.1, replays=2)
+
+
+@pytest.mark.parametrize("method,stop", [(_pgd, "sigterm"), (_free, "max_steps")])
+def test_stop_and_resume_gives_the_same_weights(small, tmp_path, method, stop):
+    _, ref = _run(small, tmp_path / "ref", method)
+    calls = []
+
+    def sigterm_at_4(trainer, record):
+        calls.append(record["step"])
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    if stop == "sigterm":
+        r1, _ = _run(small, tmp_path / "run", method, callbacks=[sigterm_at_4])
+    else:
+        r1, _ = _run(small, tmp_path / "run", method, max_steps=7)  # into the 2nd epoch (6 batches/epoch)
+    assert r1["stopped"] and pathlib.Path(r1["checkpoint"]).exists()
+    ck = load_checkpoint(r1["checkpoint"])
+    assert (ck["epoch"], ck["batch_in_epoch"]) == ((0, 4) if stop == "sigterm" else (1, 1))
+    r2, resumed = _run(small, tmp_path / "run", method, resume=True)
+    assert not r2["stopped"] and r2["epoch"] == 2
+    assert _same(ref, resumed)
+    # SIGTERM's handler is removed after fit: the default action is back
+    assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None) or callable(signal.getsignal(signal.SIGTERM))
+
+
+def test_checkpoint_contents_and_files(small, tmp_path):
+    held = embedded_mnist("heldout")
+    res, net = _run(small, tmp_path, _pgd, epochs=1, save_every=2, heldout=held)
+    assert 0 <= res["clean_acc"] <= 1 and 0 <= res["robust_acc"] <= res["clean_acc"] + 1e-9 and res["n"] == 32
+    ck = torch.load(tmp_path / "last.pt", weights_only=True)  # loads without unpickling code
+    assert ck["epoch"] == 1 and ck["step"] == 6 and ck["batch_in_epoch"] == 0
+    assert set(ck["rng"]) == {"python", "numpy", "torch", "cuda"} and ck["optimizer"]["state"]
+    assert ck["scheduler"]["last_epoch"] == 6 and ck["config"]["method"] == "pgd"
+    lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["type"] for r in lines].count("epoch") == 1 and lines[-1]["robust_acc"] == res["robust_acc"]
+    assert (tmp_path / "metrics.csv").read_text().startswith("epoch,step,train_loss")
+    assert (tmp_path / "model.pt").exists()
+    assert not list(tmp_path.glob("*.tmp-*"))  # atomic writes leave no temporary files
+
+
+def test_corrupt_checkpoint_gives_clear_error(small, tmp_path):
+    net = MnistCNN(width=0.25)
+    p = save_checkpoint(tmp_path / "c.pt", model=net, epoch=1, step=3)
+    assert load_checkpoint(p)["step"] == 3
+    data = p.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="trunc.pt is corrupt or truncated"):
+        load_checkpoint(tmp_path / "trunc.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(CheckpointError, match="garbage.pt is corrupt"):
+        load_checkpoint(tmp_path / "garbage.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a fastadv checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    # a checkpoint that would run code on load is refused by weights_only
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"format": "fastadv-checkpoint", "x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="evil.pt is corrupt"):
+        load_checkpoint(tmp_path / "evil.pt")
+    # resuming a run from a corrupt last.pt names the file
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pt").write_bytes(data[:100])
+    with pytest.raises(CheckpointError, match="last.pt is corrupt"):
+        _run(small, tmp_path / "run", _pgd, resume=True)
+
+
+def test_shard_indices_cover_the_global_batches():
+    order = torch.randperm(103)
+    one = shard_indices(order, 20, 0, 1)
+    two = [shard_indices(order, 20, r, 2) for r in range(2)]
+    assert len(one) == 5 and all(len(b) == 10 for b in two[0] + two[1])
+    for i in range(5):
+        assert torch.equal(torch.cat([two[0][i], two[1][i]]), one[i])
+    with pytest.raises(ValueError, match="divisible"):
+        shard_indices(order, 21, 0, 2)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    common = ["--dataset", "embedded-mnist", "--train-samples", "256", "--batch-size", "64", "--epochs", "1",
+              "--method", "pgd", "--no-random-start", "--steps", "2", "--alpha", "0.05", "--eps", "0.1",
+              "--width", "0.25", "--optimizer", "sgd", "--lr", "0.05", "--eval-samples", "64", "--eval-steps", "1",
+              "--no-progress", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    one = subprocess.run([sys.executable, "-m", "fastadv.cli", "train", *common, "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+                          f"--master_port={_free_port()}", "-m", "fastadv.cli", "train", *common,
+                          "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "world size 2" in two.stderr
+    a = torch.load(tmp_path / "one" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "two" / "model.pt", weights_only=True)
+    start = MnistCNN(width=0.25).state_dict()
+    for k in a:
+        assert not torch.equal(a[k], start[k]) or k.endswith("bias")  # it trained
+        # the same math, summed in a different order (gradient all-reduce): float32 rounding only
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    # the held-out metrics were reduced across ranks (64 images evaluated in total)
+    s1 = json.loads(one.stdout.strip().splitlines()[-1])
+    s2 = json.loads(two.stdout.strip().splitlines()[-1])
+    assert s1["clean_acc"] == pytest.approx(s2["clean_acc"], abs=1 / 64 + 1e-9)
+
+
+def test_cli_small_run(tmp_path, capsys):
+    from fastadv.cli import main
+
+    rc = main(["train", "--train-samples", "200", "--batch-size", "50", "--epochs", "1", "--steps", "2",
+               "--width", "0.25", "--eval-samples", "50", "--eval-steps", "2", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "clean accuracy" in out and "robust accuracy" in out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["method"] == "pgd" and 0 <= summary["robust_acc"] <= 1
+    for f in ("last.pt", "model.pt", "metrics.jsonl", "metrics.csv", "curves.png"):
+        assert (tmp_path / f).exists(), f
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pgd_at_beats_standard_training_on_real_mnist(mnist_dir, tmp_path):
+    x, y = load_mnist(mnist_dir, "train", as_float=True)
+    xt, yt = load_mnist(mnist_dir, "test", as_float=True)
+    train, held = (x[:1500], y[:1500]), (xt[:300], yt[:300])
+    results = {}
+    for name, method in (("standard", M.Standard()), ("pgd", M.PGDAT(eps=0.2, alpha=0.05, steps=5))):
+        torch.manual_seed(0)
+        net = MnistCNN(width=0.5)
+        cfg = TrainConfig(epochs=1, batch_size=50, optimizer="adam", lr=2e-3, weight_decay=0.0, schedule="constant",
+                          eval_eps=0.2, eval_alpha=0.02, eval_steps=20, eval_samples=None, progress=False,
+                          plot=False)
+        results[name] = Trainer(net, method, train, held, cfg).fit()
+    std, adv = results["standard"], results["pgd"]
+    assert std["clean_acc"] > 0.85  # both learned the task
+    assert adv["clean_acc"] > 0.6
+    assert adv["robust_acc"] > std["robust_acc"] + 0.2, (std, adv)
