@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import pathlib
+import signal
 import sys
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -39,11 +40,12 @@ def load(paths) -> list[tuple[pathlib.Path, dict]]:
 
 
 def newest(results):
-    """The newest file per (bench name, device name), by the date in its stamp."""
+    """The newest file per (bench name, device name, thread count, --quick), by the date in its stamp."""
     best = {}
     for p, d in results:
         env = d.get("environment", {})
-        key = (d.get("name", p.stem.split("-")[0]), env.get("device_name"), bool(d.get("quick")))
+        key = (d.get("name", p.stem.split("-")[0]), env.get("device_name"), env.get("torch_num_threads"),
+               bool(d.get("quick")))
         if key not in best or env.get("date", "") > best[key][1].get("environment", {}).get("date", ""):
             best[key] = (p, d)
     return sorted(best.values(), key=lambda pd: str(pd[0]))
@@ -128,6 +130,8 @@ def chart(results, png: str, impls=None) -> bool:
 
 
 def main(argv=None) -> int:
+    if hasattr(signal, "SIGPIPE"):  # `report.py | head` ends quietly
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("paths", nargs="*", help="result files (default: benchmarks/results/*.json)")
     ap.add_argument("--all", action="store_true", help="every file, not just the newest per (bench, device)")

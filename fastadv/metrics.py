@@ -13,7 +13,6 @@ maximization (without the image box). Smaller is better converged.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from fastadv import _validate as V
 from fastadv.attacks.base import Attack, attack_loss, grad_wrt

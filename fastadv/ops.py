@@ -199,3 +199,7 @@ def project_l1(delta, eps, *, x0=None, clip=None, out=None):
     bracket) in the kernels; the reference sorts (Duchi et al. 2008).
     """
     return _project("project_l1", delta, eps, x0, clip, out)
+
+from fastadv.ot import sinkhorn, wasserstein_project  # noqa: E402,F401  (issue 3)
+
+__all__ += ["sinkhorn", "wasserstein_project"]

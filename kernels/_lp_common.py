@@ -8,7 +8,8 @@ The per-sample root-finds (the L2-ball-with-box multiplier, the L1 threshold
 tau and the SLIDE quantile) run as one program per sample. When the sample fits
 in one block (``SINGLE``) its values are loaded once and every iteration works
 on registers; otherwise each iteration streams the sample in BLOCK chunks,
-which on a GPU stay in L2 (1.8 MB per 3x224x224 fp32 sample and tensor).
+which on a GPU stay in L2 (a 3x224x224 fp32 sample is 0.6 MB a tensor, 1.8 MB
+for x, x0 and grad).
 A split-sample variant (several programs per sample, partial sums through a
 scratch buffer, one launch per iteration) would raise occupancy for small
 batches; it is not written because the iteration count is data dependent and
@@ -19,11 +20,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Newton/bisection caps for the per-sample root-finds. Both loops exit early
-# when converged (typically 3-10 iterations on random data, measured on the
-# interpreter); the caps only bound adversarial inputs. Every iterate of the
-# L2 fixed point is feasible, and the L1 loop returns the feasible end of its
-# bracket if it hits the cap.
+# Caps for the per-sample root-finds. Both loops exit early when converged:
+# measured with a float32 numpy replica of the loops on random images (3072
+# and 150528 elements, with and without the [0, 1] box), the L2 fixed point
+# takes 4-7 passes and the L1 Newton 7-13. The caps only bound adversarial
+# inputs: every iterate of the L2 fixed point is feasible, and the L1 loop
+# returns the feasible end of its bracket if it hits the cap.
 L2_MAX_ITERS = 64
 L1_MAX_ITERS = 80
 

@@ -257,6 +257,19 @@ def test_channels_last_same_result(cnn, batch):
     torch.testing.assert_close(a, b)
 
 
+@pytest.mark.slow
+def test_compile_gives_the_same_batch():
+    """torch.compile of the model (the engine's compile=True); ~30 s of compilation on this CPU."""
+    model = mlp()
+    x = torch.rand(16, 1, 8, 8)
+    y = own_labels(model, x)
+    eager = PGD(model, 0.05, 0.01, 5, random_start=False)(x, y)
+    compiled = PGD(model, 0.05, 0.01, 5, random_start=False, compile=True)(x, y)
+    torch.testing.assert_close(compiled, eager)
+    assert not model.training
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
 def test_cuda_graph_matches_eager():
     model = MnistCNN(width=0.25).cuda().eval()

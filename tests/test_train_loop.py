@@ -20,6 +20,16 @@ from fastadv.train.distributed import shard_indices
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on this shared 2-core machine at load ~12, ten forward/backward
+    passes of the small CNN took 13.4 s with 2 OpenMP threads and 0.9 s with 1 (measured)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def small():
     x, y = embedded_mnist("train")
@@ -181,7 +191,7 @@ def test_cli_small_run(tmp_path, capsys):
 def test_pgd_at_beats_standard_training_on_real_mnist(mnist_dir, tmp_path):
     x, y = load_mnist(mnist_dir, "train", as_float=True)
     xt, yt = load_mnist(mnist_dir, "test", as_float=True)
-    train, held = (x[:1500], y[:1500]), (xt[:300], yt[:300])
+    train, held = (x[:2500], y[:2500]), (xt[:300], yt[:300])
     results = {}
     for name, method in (("standard", M.Standard()), ("pgd", M.PGDAT(eps=0.2, alpha=0.05, steps=5))):
         torch.manual_seed(0)
@@ -191,6 +201,7 @@ def test_pgd_at_beats_standard_training_on_real_mnist(mnist_dir, tmp_path):
                           plot=False)
         results[name] = Trainer(net, method, train, held, cfg).fit()
     std, adv = results["standard"], results["pgd"]
+    # measured here (seed 0): standard 94.0% clean / 7.7% robust, PGD-AT 79.0% / 41.7%
     assert std["clean_acc"] > 0.85  # both learned the task
     assert adv["clean_acc"] > 0.6
     assert adv["robust_acc"] > std["robust_acc"] + 0.2, (std, adv)

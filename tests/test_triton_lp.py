@@ -203,8 +203,9 @@ def test_l1_step_quantile_on_ties_zeros_inf_nan(request, chunked, sparsity):
 
 
 def test_l1_step_moves_only_kept_coordinates(small_blocks):
-    """Inside the ball (large eps, no box) the step is exactly x + alpha * e:
-    round((1 - s) * ...) coordinates move, each by alpha / nnz."""
+    """Inside the ball (large eps, no box) the step is x + alpha * e: with
+    distinct |g|, the N - k coordinates at or above rank k = round(s (N - 1))
+    move, each by alpha / (N - k)."""
     _need_triton("l1_step")
     n = 101
     x, x0, grad, _, _ = _inputs(1, n, seed=9)

@@ -27,6 +27,11 @@
 #include <limits>
 #include <vector>
 
+// The exp/log/select loops below vectorize only without trapping-math
+// semantics (gcc 12: "control flow in loop" otherwise); they never rely on
+// FP exceptions. Measured: the window LSE runs 4-8x faster vectorized.
+#pragma GCC optimize("no-trapping-math")
+
 namespace fastadv {
 namespace {
 

@@ -15,6 +15,7 @@ APGD               Auto-PGD, CE / DLR, Linf / L2 / L1 (Croce & Hein 2020)
 SPSA               gradient-free (Uesato 2018)
 TransferAttack     crafted on source models (Tramer 2018)
 InvarianceAttack   nearest other-class reference (Tramer 2020)
+WassersteinPGD     Wasserstein-ball PGD (Wong et al. 2019), fastadv.ot
 =================  ==================================================
 """
 from fastadv.attacks.base import Attack, attack_loss, dlr_loss, is_fooled, margin
@@ -26,6 +27,7 @@ from fastadv.attacks.apgd import APGD
 from fastadv.attacks.spsa import SPSA
 from fastadv.attacks.transfer import Ensemble, TransferAttack
 from fastadv.attacks.invariance import InvarianceAttack
+from fastadv.attacks.wasserstein import WassersteinPGD
 
 __all__ = ["Attack", "FGSM", "RFGSM", "PGD", "PGDL2", "EarlyStoppedPGD", "TRADESAttack", "APGD", "SPSA",
-           "TransferAttack", "Ensemble", "InvarianceAttack", "attack_loss", "dlr_loss", "is_fooled", "margin"]
+           "TransferAttack", "Ensemble", "InvarianceAttack", "WassersteinPGD", "attack_loss", "dlr_loss", "is_fooled", "margin"]

@@ -195,10 +195,12 @@ class Attack:
 
     # ------------------------------------------------------------- public
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x_adv, same shape and dtype as x (the attack itself runs in float32)."""
+        dtype = x.dtype if isinstance(x, torch.Tensor) else None
         x, y = self.check_inputs(x, y)
         with self.model_context(), V.validation(False), torch.enable_grad():
             adv = self.perturb(x, y)
-        return adv.detach().to(x.dtype)
+        return adv.detach().to(dtype)
 
     forward = __call__
 

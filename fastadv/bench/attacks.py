@@ -251,9 +251,11 @@ def run(args) -> dict:
                 "x_floor": med[name] / med[floor_name] if floor_name in med else None,
                 "x_torchattacks": med["torchattacks"] / med[name] if "torchattacks" in med else None,
                 "robust_acc": acc,
-                "same_acc": None if acc is None else (acc == ref_acc if prec in ("fp32", None) else
-                                                      ("<=" if acc <= ref_acc else "HIGHER") if prec and "es" in prec
-                                                      else acc == ref_acc),
+                # float32 runs must match exactly; early stop may only be lower (it keeps the first
+                # fooling iterate); bf16/fp16 change the model's numbers, so only the difference is shown.
+                "same_acc": None if acc is None or ref_acc is None else (
+                    acc == ref_acc if prec in ("fp32", None) else
+                    ("<=" if acc <= ref_acc else "HIGHER") if prec == "es" else f"{acc - ref_acc:+.4f} ({prec})"),
             })
             log(f"  {name}: {med[name]:.1f} ms" + (f", acc {acc:.4f}" if acc is not None else ""))
     return {"rows": rows, "columns": COLUMNS, "notes": notes, "repeats": repeats}

@@ -12,9 +12,11 @@ CIFAR shape for the ResNets), each from the same initial weights:
     fills the parameter gradients, later zeroed), then
     ``delta = clamp(delta + alpha * sign(delta.grad), -eps, eps)`` and a
     clamp to the image box, in separate elementwise ops;
-  - trades (Zhang et al.'s ``trades.py``): ``torch.autograd.grad`` of the
-    KL with respect to x_adv, the step as separate ops, then two forward
-    passes (clean and adversarial) for the loss.
+  - trades (Zhang et al.'s ``trades.py``): each attack step forwards both
+    x_adv and the clean x (the code recomputes the clean softmax inside the
+    loop) and takes ``torch.autograd.grad`` of the KL with respect to x_adv;
+    the step as separate ops; then two forward passes (clean and
+    adversarial) for the loss.
 * ``fastadv``: ``fastadv.train.Trainer``'s step with the same method
   (attack suite: input-only gradients, the fused ``linf_step`` op, one
   concatenated forward for TRADES), with the run's precision and layout.
@@ -80,11 +82,10 @@ def eager_trades_step(model, opt, x, y, eps, alpha, steps, beta):
     """Zhang et al. 2019's trades_loss (TRADES/trades.py) and the optimizer step (fp32)."""
     model.eval()
     x_adv = x.detach() + 0.001 * torch.randn_like(x)
-    with torch.no_grad():
-        p_nat = F.softmax(model(x), dim=1)
     for _ in range(steps):
         x_adv.requires_grad_()
-        loss_kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), p_nat, reduction="sum")
+        # as in trades.py: the clean softmax is recomputed inside every step
+        loss_kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(model(x), dim=1), reduction="sum")
         grad = torch.autograd.grad(loss_kl, [x_adv])[0]
         x_adv = x_adv.detach() + alpha * torch.sign(grad.detach())
         x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)

@@ -557,11 +557,11 @@ class Trainer:
                 torch.save(unwrap(self.net).state_dict(), self.out_dir / "model.pt")
                 if cfg.plot:
                     self.plot(self.out_dir / "curves.png")
-        result = {"stopped": stopped, "epoch": self.epoch, "step": self.step,
-                  "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
-                  "history": self.history}
-        if self.history:
-            result.update({k: v for k, v in self.history[-1].items() if k != "type"})
+        result = {k: v for k, v in (self.history[-1] if self.history else {}).items() if k not in ("type", "epoch")}
+        # 'epoch' = epochs completed (the next one to run), not the last record's 0-based index
+        result.update({"stopped": stopped, "epoch": self.epoch, "step": self.step,
+                       "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+                       "history": self.history})
         return result
 
     def plot(self, path) -> pathlib.Path | None:
