@@ -248,6 +248,12 @@ def test_autocast_bf16_keeps_float32_state(cnn, batch):
     adv = PGD(cnn, 0.1, 0.02, 3, autocast="bf16")(x, y)
     assert adv.dtype == torch.float32
     assert (adv - x).abs().max() <= 0.1 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    # A bf16 model with bf16 images: state in float32 inside, the result in the input's dtype.
+    half = mlp().to(torch.bfloat16)
+    xb = torch.rand(8, 1, 8, 8).to(torch.bfloat16)
+    adv = PGD(half, 0.1, 0.02, 3)(xb, own_labels(half, xb))
+    # + 1e-2: the float32 result is rounded to bf16 on the way out (1 ulp at 1.0 is 2^-8 = 0.0039).
+    assert adv.dtype == torch.bfloat16 and (adv.float() - xb.float()).abs().max() <= 0.1 + 1e-2
 
 
 def test_channels_last_same_result(cnn, batch):

@@ -268,6 +268,15 @@ class Attack:
             for m, f in flags:
                 m.training = f
 
+    def _model_dtype(self):
+        """dtype of the model's first floating parameter (None for a plain callable or no parameters)."""
+        if not isinstance(self.model, nn.Module):
+            return None
+        for p in self.model.parameters():
+            if p.dtype.is_floating_point:
+                return p.dtype
+        return None
+
     def _use_channels_last(self, x: torch.Tensor) -> bool:
         if x.dim() != 4 or self.channels_last is False:
             return False
@@ -284,6 +293,9 @@ class Attack:
         """model(x) with autocast and channels_last applied; float32 (B, K) logits."""
         if self._use_channels_last(x):
             x = x.contiguous(memory_format=torch.channels_last)
+        mdt = self._model_dtype()
+        if mdt is not None and mdt != x.dtype and self.autocast_dtype is None:
+            x = x.to(mdt)  # a half/bf16 model: the float32 attack state is cast on the way in
         if self.autocast_dtype is not None:
             with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype):
                 out = self.model(x)

@@ -30,7 +30,11 @@ CPU timing: the variants of a case run round-robin, ``--repeats`` times
 (after one warm-up each), and each reports its median: on a machine shared
 with other jobs the load drifts, and interleaving spreads the drift over all
 variants instead of penalising whichever ran last. CUDA timing: the
-harness's ``time_fn`` (CUDA events / do_bench).
+harness's ``time_fn`` (CUDA events / do_bench). On CPU the process time
+(``time.process_time``) of each run is recorded too: with one intra-op thread
+(``OMP_NUM_THREADS=1``) it counts only this process's work, so its ratios
+stay meaningful when other jobs load the machine (wall-clock medians swung
+3x between rounds at load 5 on this 2-core machine; process time far less).
 """
 from __future__ import annotations
 
@@ -54,6 +58,8 @@ COLUMNS = [
     ("ms", "ms", "{:.1f}"),
     ("x_floor", "x floor", "{:.2f}x"),
     ("x_torchattacks", "vs torchattacks", "{:.2f}x"),
+    ("cpu_x_floor", "cpu x floor", "{:.2f}x"),
+    ("cpu_x_torchattacks", "cpu vs ta", "{:.2f}x"),
     ("robust_acc", "robust acc", "{:.4f}"),
     ("same_acc", "same acc"),
 ]
@@ -227,16 +233,19 @@ def run(args) -> dict:
                     accs[name] = (model(out).argmax(1) == y).float().mean().item()
             log(f"  warm-up {name}: {time.perf_counter() - t0:.2f} s")
         times = {name: [] for name, _, _ in variants}
+        cpu_times = {name: [] for name, _, _ in variants}
         if cuda:
             for name, fn, _ in variants:
                 times[name] = [harness.time_fn(fn, device=device, min_time=args.min_time or 1.0).median_ms]
         else:
             for _ in range(repeats):
                 for name, fn, _ in variants:
-                    t0 = time.perf_counter()
+                    c0, t0 = time.process_time(), time.perf_counter()
                     fn()
                     times[name].append((time.perf_counter() - t0) * 1e3)
+                    cpu_times[name].append((time.process_time() - c0) * 1e3)
         med = {k: statistics.median(v) for k, v in times.items()}
+        cpu_med = {k: statistics.median(v) for k, v in cpu_times.items() if v}
         ref_acc = accs.get("torchattacks", accs.get("reference loop"))
         for name, _, prec in variants:
             floor_name = "floor" if prec in (None, "fp32", "es") else f"floor {prec.split('-')[0]}"
@@ -249,6 +258,11 @@ def run(args) -> dict:
                 "case": case, "variant": name, "batch": x.shape[0], "steps": steps, "eps": eps, "alpha": alpha,
                 "ms": med[name], "runs_ms": times[name], "images_per_s": x.shape[0] / (med[name] / 1e3),
                 "x_floor": med[name] / med[floor_name] if floor_name in med else None,
+                "cpu_ms": cpu_med.get(name), "runs_cpu_ms": cpu_times[name],
+                "cpu_x_floor": cpu_med[name] / cpu_med[floor_name] if name in cpu_med and floor_name in cpu_med
+                else None,
+                "cpu_x_torchattacks": cpu_med["torchattacks"] / cpu_med[name]
+                if name in cpu_med and "torchattacks" in cpu_med else None,
                 "x_torchattacks": med["torchattacks"] / med[name] if "torchattacks" in med else None,
                 "robust_acc": acc,
                 # float32 runs must match exactly; early stop may only be lower (it keeps the first

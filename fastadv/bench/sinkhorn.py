@@ -23,7 +23,6 @@ compiled backends take the median of ``time_fn``.
 from __future__ import annotations
 
 import gzip
-import math
 import pathlib
 import sys
 import time

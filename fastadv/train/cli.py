@@ -96,7 +96,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default: by dataset; 'cyclic' for --method fast")
     o.add_argument("--amp", choices=("bf16", "fp16", "none"), default=None,
                    help="mixed precision (default: bf16 on CUDA GPUs that support it, none on CPU)")
-    o.add_argument("--channels-last", action="store_true")
+    o.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels_last (NHWC) model and inputs for 4-D images (default on: oneDNN's NHWC "
+                        "convolutions made a PGD-AT step 1.3x faster on a 2-core Xeon)")
     o.add_argument("--compile", action="store_true", help="torch.compile the model")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--threads", type=int, help="torch intra-op threads (CPU); on a busy machine 1 can be much faster")
