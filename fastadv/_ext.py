@@ -7,6 +7,7 @@ Triton and reference backends, logs the reason once, and
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -30,6 +31,7 @@ except (ImportError, OSError, RuntimeError) as exc:  # not built, ABI mismatch
     log.info("fastadv: %s; using the Triton and reference backends", EXT_ERROR)
 
 
+@functools.lru_cache(maxsize=None)
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """True if ``fastadv::<op>`` has a compiled kernel for ``dispatch_key``."""
     if EXT_ERROR is not None:

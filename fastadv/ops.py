@@ -20,7 +20,7 @@ import torch
 
 from fastadv import _dispatch, _fake  # noqa: F401  (_fake registers fake kernels)
 from fastadv import _validate as V
-from fastadv._layout import output_like, rows
+from fastadv._layout import memory_order, output_like, rows
 from fastadv.reference import lp as ref
 
 __all__ = ["linf_step", "l2_step", "l1_step", "project_linf", "project_l2", "project_l1"]
@@ -77,7 +77,6 @@ def _step_inputs(x, x0, grad, alpha, eps, clip):
     b = x.shape[0]
     alpha_t = V.per_sample("alpha", alpha, b, x.device)
     eps_t = V.per_sample("eps", eps, b, x.device)
-    V.no_nan("x0", x0)
     V.in_box("x0", x0, lo, hi)
     return alpha_t, eps_t, lo, hi
 
@@ -89,11 +88,12 @@ def _launch(op: str, like: torch.Tensor, args: tuple, images: tuple[int, ...], o
     ``images`` hold tensors shaped like ``like``, which are passed to the
     backend as (B, N) rows in like's memory order. None entries pass through.
     """
-    result, out_rows, writeback = output_like(like, out)
+    perm = memory_order(like)
+    result, out_rows, writeback = output_like(like, out, perm)
     if like.numel() == 0:
         return result
-    backend = _dispatch.choose(op, [args[i] for i in images if args[i] is not None])
-    call = [rows(a, like) if (i in images and a is not None) else a for i, a in enumerate(args)]
+    backend = _dispatch.choose(op, [like])
+    call = [rows(a, perm) if (i in images and a is not None) else a for i, a in enumerate(args)]
     _dispatch.impl(op, backend)(*call, out_rows)
     if writeback is not None:
         writeback()
@@ -160,7 +160,6 @@ def _project(op, delta, eps, x0, clip, out):
     eps_t = V.per_sample("eps", eps, delta.shape[0], delta.device)
     V.no_nan("delta", delta)
     if x0 is not None:
-        V.no_nan("x0", x0)
         V.in_box("x0", x0, lo, hi)
     return _launch(op, delta, (delta, eps_t, x0, lo, hi), (0, 2), out)
 

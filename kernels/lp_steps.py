@@ -97,7 +97,7 @@ def _l2_step_kernel(x_ptr, x0_ptr, g_ptr, alpha_ptr, eps_ptr, out_ptr, lo, hi, N
     gn = tl.sqrt(tl.sum(g * g, axis=0)) + 1e-10
     delta = (x + a * (g / gn)) - x0
     dn = tl.sqrt(tl.sum(delta * delta, axis=0))
-    factor = tl.where(dn > e, e / tl.where(dn > 0, dn, 1.0), 1.0)
+    factor = tl.where(dn > e, (1.0 / tl.where(dn > 0, dn, 1.0)) * e, 1.0)
     y = _clamp(x0 + delta * factor, tl.cast(lo, tl.float32), tl.cast(hi, tl.float32))
     tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -139,7 +139,7 @@ def _l2_step_apply_kernel(
     gn = tl.sqrt(gg) + 1e-10
     c = a / gn
     dn = tl.sqrt(tl.maximum(dd + 2.0 * c * dg + c * c * gg, 0.0))
-    factor = tl.where(dn > e, e / tl.where(dn > 0, dn, 1.0), 1.0)
+    factor = tl.where(dn > e, (1.0 / tl.where(dn > 0, dn, 1.0)) * e, 1.0)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     base = row * N

@@ -116,10 +116,6 @@ def test_pgd_linf_bit_exact_vs_torchattacks(cnn, batch):
 
 
 @pytest.mark.skipif(not HAS_TA, reason="torchattacks not installed (pip install --no-deps torchattacks)")
-@pytest.mark.xfail(strict=True, reason=(
-    "fastadv.reference.lp.l2_step computes eps / ||delta|| as a tensor division; torchattacks' "
-    "`self.eps / delta_norms` is `delta_norms.reciprocal() * eps` in PyTorch, which rounds differently "
-    "(28% of entries differ by 1 ulp). Fixed by `dnorm.reciprocal() * e` in the reference (and the kernels)."))
 def test_pgd_l2_bit_exact_vs_torchattacks(cnn, batch):
     import torchattacks
 

@@ -180,7 +180,7 @@ void l2_step_impl(const at::Tensor& x, const at::Tensor& x0, const at::Tensor& g
     const double s = static_cast<double>(a) / static_cast<double>(p.gn);
     const double dn2 = std::max(0.0, acc.dd + 2.0 * s * acc.dg + s * s * acc.gg);
     const A dn = static_cast<A>(std::sqrt(dn2));
-    p.factor = dn > ep ? ep / dn : A(1);
+    p.factor = dn > ep ? (A(1) / dn) * ep : A(1);  // reciprocal * eps, as eager PyTorch evaluates eps / t
     return p;
   };
   auto write = [&](int64_t b, const L2Param<A>& p, int64_t s, int64_t e) {

@@ -239,7 +239,7 @@ __global__ void l2_finalize_kernel(const double* __restrict__ part, const float*
     const double s = static_cast<double>(alpha[b]) / static_cast<double>(gn);
     const A dn = static_cast<A>(sqrt(fmax(0.0, s1 + 2.0 * s * s2 + s * s * s0)));
     param[2 * b] = gn;
-    param[2 * b + 1] = dn > ep ? ep / dn : A(1);
+    param[2 * b + 1] = dn > ep ? (A(1) / dn) * ep : A(1);  // reciprocal * eps, as eager PyTorch
   } else {
     const A n = static_cast<A>(sqrt(s0));
     param[2 * b] = n > ep ? ep / n : A(1);

@@ -48,7 +48,7 @@ import torch
 import fastadv
 from fastadv import _dispatch
 from fastadv import ops as F
-from fastadv._layout import output_like, rows
+from fastadv._layout import memory_order, output_like, rows
 from fastadv.bench import harness
 from fastadv.reference import lp as ref
 
@@ -162,7 +162,7 @@ def make_case(label: str, shape, dtype=torch.float32, device="cpu", seed: int = 
         ref_fn = getattr(ref, op)
         alpha_t = torch.full((b,), alpha, dtype=torch.float32, device=device)
         eps_t = torch.full((b,), eps, dtype=torch.float32, device=device)
-        raw_args = (rows(x, x), rows(x0, x), rows(g, x), alpha_t, eps_t, *extra, 0.0, 1.0)
+        raw_args = (rows(x, memory_order(x)), rows(x0, memory_order(x)), rows(g, memory_order(x)), alpha_t, eps_t, *extra, 0.0, 1.0)
         return Case(
             label=label,
             op=op,
@@ -175,7 +175,7 @@ def make_case(label: str, shape, dtype=torch.float32, device="cpu", seed: int = 
             reference_kwargs={"clip": (0.0, 1.0)},
             raw_args=raw_args,
             out=out,
-            out_rows=output_like(x, out)[1],
+            out_rows=output_like(x, out, memory_order(x))[1],
             tensors=[x, x0, g],
             nbytes=4 * x.numel() * s,
         )
@@ -209,9 +209,9 @@ def make_case(label: str, shape, dtype=torch.float32, device="cpu", seed: int = 
         reference_fn=ref_fn,
         reference_args=(delta, eps),
         reference_kwargs=kwargs,
-        raw_args=(rows(delta, delta), eps_t, rows(x0, delta) if box else None, lo, hi),
+        raw_args=(rows(delta, memory_order(delta)), eps_t, rows(x0, memory_order(delta)) if box else None, lo, hi),
         out=out,
-        out_rows=output_like(delta, out)[1],
+        out_rows=output_like(delta, out, memory_order(delta))[1],
         tensors=[delta] + ([x0] if box else []),
         nbytes=(3 if box else 2) * delta.numel() * s,
     )

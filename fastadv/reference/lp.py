@@ -76,8 +76,10 @@ def l2_step(x, x0, grad, alpha, eps, clip=(0.0, 1.0), *, upcast=None):
     delta = adv - x0
     dnorm = torch.norm(delta.reshape(b, -1), p=2, dim=1).reshape(e.shape)
     # torchattacks writes min(eps / ||delta||, 1), which is NaN for eps = 0 and
-    # delta = 0; this is the same number everywhere else.
-    factor = torch.where(dnorm > e, e / dnorm, torch.ones_like(dnorm))
+    # delta = 0; this is the same number everywhere else. PyTorch evaluates a
+    # Python scalar over a tensor as reciprocal(tensor) * scalar, so we do too:
+    # a true division differs from PGDL2 by 1 ulp in ~28% of entries (measured).
+    factor = torch.where(dnorm > e, dnorm.reciprocal() * e, torch.ones_like(dnorm))
     return _clamp_box(x0 + delta * factor, clip)
 
 

@@ -29,7 +29,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
 import pathlib
 import signal
 import sys
