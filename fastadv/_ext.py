@@ -40,3 +40,10 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastadv::{op}", dispatch_key)
     except RuntimeError:
         return False
+
+
+def has_op(op: str) -> bool:
+    """True if the loaded extension defines the schema ``fastadv::<op>``."""
+    if EXT_ERROR is not None:
+        return False
+    return torch._C._dispatch_has_kernel(f"fastadv::{op}") or hasattr(torch.ops.fastadv, op)

@@ -19,9 +19,17 @@ def _fake_lp(*args):
     return None
 
 
-if _ext.EXT_ERROR is None:
-    for _op in _LP_OPS:
-        torch.library.register_fake(f"fastadv::{_op}")(_fake_lp)
+def _register(op: str, fn) -> None:
+    """Register ``fn`` as the fake kernel of ``fastadv::op`` if the built extension defines it.
+
+    A stale build (older than the schema list) must not break ``import fastadv``.
+    """
+    if _ext.EXT_ERROR is None and _ext.has_op(op):
+        torch.library.register_fake(f"fastadv::{op}")(fn)
+
+
+for _op in _LP_OPS:
+    _register(_op, _fake_lp)
 
 
 # ---- Sinkhorn / Wasserstein projection (issue 3) ----------------------------
@@ -47,6 +55,5 @@ def _fake_wasserstein_project(x, x0, eps, kernel_size, p, reg, max_iter, tol):
     )
 
 
-if _ext.EXT_ERROR is None:
-    torch.library.register_fake("fastadv::sinkhorn")(_fake_sinkhorn)
-    torch.library.register_fake("fastadv::wasserstein_project")(_fake_wasserstein_project)
+_register("sinkhorn", _fake_sinkhorn)
+_register("wasserstein_project", _fake_wasserstein_project)
