@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 MAX_BINS = 128
-NEG = -1e30  # finite log(0), as the reference
+NEG = tl.constexpr(-1e30)  # finite log(0), as the reference; a plain global compiles only under the interpreter
 
 
 @triton.jit
