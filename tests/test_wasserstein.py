@@ -177,7 +177,7 @@ def _read_idx(path):
 
 @pytest.fixture(scope="module")
 def mnist_model(mnist_dir):
-    """The paper's small MNIST CNN, undefended, trained 2 epochs on 4000 images (94% on the test slice)."""
+    """The paper's small MNIST CNN, undefended, trained 2 epochs on 4000 images (89% on the 64-image test slice)."""
     torch.manual_seed(0)
     xs = torch.tensor(_read_idx(mnist_dir / "train-images-idx3-ubyte.gz")[:4000], dtype=torch.float32)[:, None] / 255
     ys = torch.tensor(_read_idx(mnist_dir / "train-labels-idx1-ubyte.gz")[:4000], dtype=torch.int64)
@@ -195,12 +195,33 @@ def mnist_model(mnist_dir):
             opt.zero_grad()
             loss.backward()
             opt.step()
-    xt = torch.tensor(_read_idx(mnist_dir / "t10k-images-idx3-ubyte.gz")[:32], dtype=torch.float32)[:, None] / 255
-    yt = torch.tensor(_read_idx(mnist_dir / "t10k-labels-idx1-ubyte.gz")[:32], dtype=torch.int64)
+    xt = torch.tensor(_read_idx(mnist_dir / "t10k-images-idx3-ubyte.gz")[:64], dtype=torch.float32)[:, None] / 255
+    yt = torch.tensor(_read_idx(mnist_dir / "t10k-labels-idx1-ubyte.gz")[:64], dtype=torch.int64)
     return model.eval(), xt, yt
 
 
-def test_attack_lowers_undefended_mnist_accuracy(mnist_model):
+def test_attack_matches_a_plain_loop(mnist_model):
+    """Fixed radius, nobody fooled early: the attack is x <- clip(P(x + alpha sign(grad))), step for step."""
+    from fastadv.attacks.wasserstein import WassersteinPGD
+
+    model, x, y = mnist_model
+    x, y = x[:6], y[:6]
+    atk = WassersteinPGD(model, eps=0.05, alpha=0.5, steps=3, reg=3000.0, eps_growth=(0.05, 1.0, 1), sinkhorn_max_iter=100)
+    x_adv = atk(x, y)
+    xa = x.clone()
+    still = torch.ones(6, dtype=torch.bool)
+    for _ in range(3):
+        xr = xa.clone().requires_grad_(True)
+        out = model(xr)
+        g, = torch.autograd.grad(torch.nn.functional.cross_entropy(out, y), xr)
+        still &= out.argmax(1) == y
+        with torch.no_grad():
+            z = ops.wasserstein_project(xa + 0.5 * g.sign(), x, 0.05, kernel_size=5, reg=3000.0, max_iter=100).clamp(0, 1)
+        xa = torch.where(still[:, None, None, None], z, xa)
+    torch.testing.assert_close(x_adv, xa, rtol=0, atol=1e-5)
+
+
+def test_attack_drives_undefended_mnist_accuracy_near_zero(mnist_model):
     from fastadv.attacks.wasserstein import WassersteinPGD
 
     model, x, y = mnist_model
@@ -208,21 +229,30 @@ def test_attack_lowers_undefended_mnist_accuracy(mnist_model):
         clean = (model(x).argmax(1) == y).float().mean().item()
     assert clean >= 0.85
     model.train()  # the attack must use eval mode and restore this flag
-    # the paper's MNIST radius 1.0 (5 x 5 windows, alpha 0.1); lam 3000; the radius
-    # starts at 0.5 (not 0.001) so the test stays short. Measured here: 94% -> 44%
-    # (the paper reports 4% for its model; see docs/sinkhorn.md, "Attack strength").
-    atk = WassersteinPGD(model, eps=1.0, alpha=0.1, steps=25, reg=3000.0, eps_growth=(0.5, 1.5, 3), sinkhorn_max_iter=100)
+    # The paper's MNIST radius 1.0 (5 x 5 windows), lam 3000, the radius growing from
+    # 0.3 by 1.2 every 3 steps (0.001 by 1.17 every 10 in the paper: 440 steps to
+    # reach 1.0). alpha = 1.0, not the paper's 0.1: the projection sees the step
+    # as lam * alpha / mass log-units of mass ratio (MNIST mass ~100, so 3 at
+    # lam 3000, 1 at lam 1000), below the entropic blur, and PGD settles on a
+    # fixed point (see docs/sinkhorn.md, "Attack strength"). Measured on these
+    # 64 images (this 2-core CPU, 7 s): 89% -> 4.7% at radius 1.0, 40.6% at 0.5;
+    # alpha 0.1 plateaus at 36-44%, alpha 0.5 (100 steps) reaches 7.8%.
+    atk = WassersteinPGD(model, eps=1.0, alpha=1.0, steps=60, reg=3000.0, eps_growth=(0.3, 1.2, 3), sinkhorn_max_iter=100)
     x_adv = atk(x, y)
     assert model.training
     model.eval()
     with torch.no_grad():
         adv_acc = (model(x_adv).argmax(1) == y).float().mean().item()
-    assert adv_acc <= clean - 0.3, (clean, adv_acc)
+    assert adv_acc <= 0.10, (clean, adv_acc)
     assert x_adv.min() >= 0 and x_adv.max() <= 1
     r = atk.last_radius
-    assert r.shape == (32,) and (r[atk.last_fooled] <= 1.0 + 1e-6).all()
+    assert r.shape == (64,) and (r[atk.last_fooled] <= 1.0 + 1e-6).all()
     assert torch.equal(atk.last_fooled, torch.isfinite(r))
+    assert (r[atk.last_fooled] < 0.5).sum() >= 0.3 * len(r)  # many fall well inside the ball (measured 48%)
     with torch.no_grad():  # reported successes are real
         assert (model(x_adv[atk.last_fooled]).argmax(1) != y[atk.last_fooled]).all()
+        assert (model(x_adv).argmax(1) != y).sum() == atk.last_fooled.sum()
+    # the projection conserves mass; the [0, 1] clamp after it (as in the paper's
+    # code) cuts the mass pushed above 1 by the step: measured at most 17% here
     mass, mass_adv = x.sum((1, 2, 3)), x_adv.sum((1, 2, 3))
-    assert ((mass_adv - mass).abs() / mass).max() < 0.25  # mass moves, up to the [0, 1] clamp
+    assert ((mass_adv - mass).abs() / mass).max() < 0.25

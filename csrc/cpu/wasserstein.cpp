@@ -13,8 +13,9 @@
 //           cost moments sum_d C_d Pi_dj = z_j * (sum_d C_d e_d) / (sum_d e_d)
 //           come from the same exps, so the Newton step on psi costs nothing.
 // The window is shifted loads over a halo-padded copy (halo = NEG, so border
-// pixels need no branch); rows are vectorized across x with a polynomial exp
-// and log (no libm call in the loop) and cloned for AVX-512 / AVX2 / baseline.
+// pixels need no branch); each window offset is one contiguous vectorized
+// stream over the plane, with a polynomial exp and log (no libm call in the
+// loop), cloned for AVX-512 / AVX2 / baseline.
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -139,34 +140,51 @@ struct Work {
   std::vector<T> mx, s, s1, s2, pc, c, c2;
 };
 
-// LSE over the k x k window of the padded plane P for one output row:
-// lse[x] = log sum_d exp(P[y+dy][x+dx] - pc_d); also sum_d c_d e_d / sum_d e_d
-// and the same for c2 (the plan's cost moments, as ratios).
-template <typename T>
-static inline void row_lse(const T* P, int Wp, int y, int W, int k, const T* pc, const T* c, const T* c2, T* mx, T* s,
-                           T* s1, T* s2) {
-  for (int x = 0; x < W; ++x) mx[x] = T(-3e38), s[x] = 0, s1[x] = 0, s2[x] = 0;
+// LSE over the k x k window of the padded plane P, for every output pixel at
+// once: out index i = y * Wp + x (x < W are the pixels; x in [W, Wp) is
+// finite garbage, never read), so each window offset d is one contiguous
+// stream P[i + dy * Wp + dx] over i < H * Wp. always_inline puts it inside
+// project_one's AVX-512/AVX2 clones: as a separate function it was compiled
+// for the baseline ISA only (perf: 44% of the time in it). Measured at
+// 64x1x28x28, k 5, lam 1000 on this 2-core Xeon (load ~1.2): 0.33 s per
+// projection with per-row loops -> 0.18 s with this form inlined (inlining
+// alone: 0.30 s; the plane form alone: 0.32 s), bit-identical results (same
+// summation order). lse[i] = mx[i] + log s[i]; with MOMENTS also
+// s1 = sum_d c_d e_d and s2 = sum_d c2_d e_d (the plan's cost moments, as
+// ratios to s). P must have k elements of slack after its last plane.
+template <bool MOMENTS, typename T>
+__attribute__((always_inline)) static inline void plane_lse(const T* P, int Wp, int H, int k, const T* pc, const T* c, const T* c2, T* mx, T* s,
+                             T* s1, T* s2) {
+  const int n = H * Wp;
+  for (int i = 0; i < n; ++i) mx[i] = T(-3e38), s[i] = 0;
+  if constexpr (MOMENTS)
+    for (int i = 0; i < n; ++i) s1[i] = 0, s2[i] = 0;
   for (int dy = 0; dy < k; ++dy)
     for (int dx = 0; dx < k; ++dx) {
-      const T* src = P + (int64_t)(y + dy) * Wp + dx;
+      const T* src = P + (int64_t)dy * Wp + dx;
       const T pcd = pc[dy * k + dx];
 #pragma omp simd
-      for (int x = 0; x < W; ++x) {
-        const T t = src[x] - pcd;
-        mx[x] = mx[x] > t ? mx[x] : t;
+      for (int i = 0; i < n; ++i) {
+        const T t = src[i] - pcd;
+        mx[i] = mx[i] > t ? mx[i] : t;
       }
     }
   for (int dy = 0; dy < k; ++dy)
     for (int dx = 0; dx < k; ++dx) {
-      const T* src = P + (int64_t)(y + dy) * Wp + dx;
+      const T* src = P + (int64_t)dy * Wp + dx;
       const int d = dy * k + dx;
       const T pcd = pc[d], cd = c[d], c2d = c2[d];
+      if constexpr (MOMENTS) {
 #pragma omp simd
-      for (int x = 0; x < W; ++x) {
-        const T e = fexp(src[x] - pcd - mx[x]);
-        s[x] += e;
-        s1[x] += cd * e;
-        s2[x] += c2d * e;
+        for (int i = 0; i < n; ++i) {
+          const T e = fexp(src[i] - pcd - mx[i]);
+          s[i] += e;
+          s1[i] += cd * e;
+          s2[i] += c2d * e;
+        }
+      } else {  // pass A needs only the LSE
+#pragma omp simd
+        for (int i = 0; i < n; ++i) s[i] += fexp(src[i] - pcd - mx[i]);
       }
     }
 }
@@ -190,15 +208,15 @@ void project_one(const T* x, const T* x0, const Params& prm, T* zout, int32_t* i
     return;
   }
   Work<T> wk;
-  wk.AP.assign((size_t)C * plane, (T)NEGF);
-  wk.BP.assign((size_t)C * plane, (T)NEGF);
+  wk.AP.assign((size_t)C * plane + k, (T)NEGF);  // + k: plane_lse reads past the last plane
+  wk.BP.assign((size_t)C * plane + k, (T)NEGF);
   wk.la.resize(N);
   wk.wl.resize(N);
   wk.z.resize(N);
-  wk.mx.resize(W);
-  wk.s.resize(W);
-  wk.s1.resize(W);
-  wk.s2.resize(W);
+  wk.mx.resize((size_t)H * Wp);
+  wk.s.resize((size_t)H * Wp);
+  wk.s1.resize((size_t)H * Wp);
+  wk.s2.resize((size_t)H * Wp);
   wk.pc.resize(kk);
   wk.c.resize(kk);
   wk.c2.resize(kk);
@@ -224,10 +242,6 @@ void project_one(const T* x, const T* x0, const Params& prm, T* zout, int32_t* i
   const T log_lam = (T)std::log(prm.lam);
   double psi = 1.0, res = INFINITY;
   int64_t it = 0;
-  T* mx = wk.mx.data();
-  T* s = wk.s.data();
-  T* s1 = wk.s1.data();
-  T* s2 = wk.s2.data();
   while (it < prm.max_iter) {
     for (int d = 0; d < kk; ++d) wk.pc[d] = (T)(psi * prm.cost[d] + 1.0);
     // pass A: alpha update + row marginal of the plan at the start of this iteration
@@ -235,8 +249,11 @@ void project_one(const T* x, const T* x0, const Params& prm, T* zout, int32_t* i
     for (int ch = 0; ch < C; ++ch) {
       const T* Bp = wk.BP.data() + ch * plane;
       T* Ap = wk.AP.data() + ch * plane;
+      plane_lse<false>(Bp, Wp, H, k, wk.pc.data(), wk.c.data(), wk.c2.data(), wk.mx.data(), wk.s.data(), wk.s1.data(),
+                       wk.s2.data());
       for (int y = 0; y < H; ++y) {
-        row_lse(Bp, Wp, y, W, k, wk.pc.data(), wk.c.data(), wk.c2.data(), mx, s, s1, s2);
+        const T* mx = wk.mx.data() + (int64_t)y * Wp;
+        const T* s = wk.s.data() + (int64_t)y * Wp;
         T* arow = Ap + (int64_t)(y + r) * Wp + r;
         const int64_t base = ((int64_t)ch * H + y) * W;
         const T* la = wk.la.data() + base;
@@ -258,8 +275,13 @@ void project_one(const T* x, const T* x0, const Params& prm, T* zout, int32_t* i
     for (int ch = 0; ch < C; ++ch) {
       const T* Ap = wk.AP.data() + ch * plane;
       T* Bp = wk.BP.data() + ch * plane;
+      plane_lse<true>(Ap, Wp, H, k, wk.pc.data(), wk.c.data(), wk.c2.data(), wk.mx.data(), wk.s.data(), wk.s1.data(),
+                      wk.s2.data());
       for (int y = 0; y < H; ++y) {
-        row_lse(Ap, Wp, y, W, k, wk.pc.data(), wk.c.data(), wk.c2.data(), mx, s, s1, s2);
+        const T* mx = wk.mx.data() + (int64_t)y * Wp;
+        const T* s = wk.s.data() + (int64_t)y * Wp;
+        const T* s1 = wk.s1.data() + (int64_t)y * Wp;
+        const T* s2 = wk.s2.data() + (int64_t)y * Wp;
         T* brow = Bp + (int64_t)(y + r) * Wp + r;
         const int64_t base = ((int64_t)ch * H + y) * W;
         const T* wl = wk.wl.data() + base;
