@@ -31,39 +31,11 @@
 // semantics (gcc 12: "control flow in loop" otherwise); they never rely on
 // FP exceptions. Measured: the window LSE runs 4-8x faster vectorized.
 #pragma GCC optimize("no-trapping-math")
+#include "vec_math.h"
 
 namespace fastadv {
 namespace {
 
-// exp(x) for float, vectorizable (no libm call): 2^n * p(r), |r| <= ln2/2,
-// Cephes' degree-6 polynomial, ~1 ulp; returns 0 below -87.3 (underflow).
-static inline float fexp(float x) {
-  x = x < 88.0f ? x : 88.0f;
-  const bool under = x < -87.3f;
-  x = x > -87.3f ? x : -87.3f;
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  float t = x * 1.44269504088896341f + magic;
-  int32_t ti;
-  std::memcpy(&ti, &t, 4);
-  const int32_t n = ti - 0x4B400000;
-  const float nf = t - magic;
-  float r = x - nf * 0.693359375f;
-  r = r + nf * 2.12194440e-4f;
-  const float r2 = r * r;
-  float p = 1.9875691500E-4f;
-  p = p * r + 1.3981999507E-3f;
-  p = p * r + 8.3334519073E-3f;
-  p = p * r + 4.1665795894E-2f;
-  p = p * r + 1.6666665459E-1f;
-  p = p * r + 5.0000001201E-1f;
-  p = p * r2 + r + 1.0f;
-  const int32_t bits = (n + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  const float out = p * scale;
-  return under ? 0.0f : out;
-}
-static inline double fexp(double x) { return std::exp(x); }
 
 template <typename T>
 struct Bound;
