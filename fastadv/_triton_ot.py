@@ -3,7 +3,8 @@
 Imported lazily by ``fastadv._dispatch``. Under ``TRITON_INTERPRET=1`` the ops
 run eagerly on CPU tensors (how CI executes the kernels).
 
-Registered: ``sinkhorn`` (one program per problem, n, m <= 128) and
+Registered: ``sinkhorn`` (one program per problem: the cost tile on chip for
+n, m <= 128, streamed in 64 x 64 tiles from global memory above that) and
 ``wasserstein_project`` (one program per image, C*H*W <= 4096).
 """
 from __future__ import annotations
@@ -25,8 +26,8 @@ def triton_sinkhorn(
 
 
 def _run_sinkhorn(a, b, cost, reg, max_iter, tol):
-    reasons = _sk.supported(a, b)
-    if reasons:  # the dispatcher checks device and dtype; the size limit is the kernel's
+    reasons = _sk.supported(a, b)  # no size limit since the tiled kernel; kept for future limits
+    if reasons:  # the dispatcher checks device and dtype; any size limit is the kernel's
         if _dispatch.forced_backend() == "triton":
             raise _dispatch.BackendUnavailable("fastadv: backend 'triton' was forced but cannot run sinkhorn:\n  - " + reasons[0])
         return _dispatch.impl("sinkhorn", "ref")(a, b, cost, reg, max_iter, tol)  # automatic choice: fall back quietly

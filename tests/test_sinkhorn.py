@@ -191,7 +191,16 @@ def test_triton_matches_reference(shape, shared, zero_bins):
 
 
 @triton_interp
-def test_triton_size_limit_is_reported_when_forced():
-    a, b, cost = _problem(1, 130, 4, dtype=torch.float32)
-    with fastadv.use_backend("triton"), pytest.raises(fastadv.BackendUnavailable, match="n, m <= 128"):
-        ops.sinkhorn(a, b, cost, 0.2)
+def test_triton_large_problem_runs_tiled_kernel():
+    # n = 130 > 128: the tiled kernel (default 64 x 64 tiles, a partial row tile) instead of a size error
+    a, b, cost = _problem(2, 130, 4, dtype=torch.float32)
+    out = {}
+    for backend in ("ref", "triton"):
+        with fastadv.use_backend(backend):
+            out[backend] = ops.sinkhorn(a, b, cost, 0.2, max_iter=30, tol=0.0, return_potentials=True,
+                                        return_iterations=True)
+    v_ref, (f_ref, _), (it_ref, _) = out["ref"]
+    v_tr, (f_tr, _), (it_tr, _) = out["triton"]
+    assert it_tr.tolist() == it_ref.tolist() == [30, 30]
+    torch.testing.assert_close(v_tr, v_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(f_tr, f_ref, rtol=1e-4, atol=1e-5)
