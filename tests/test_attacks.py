@@ -25,12 +25,7 @@ from fastadv.reference import lp as ref
 HAS_TA = importlib.util.find_spec("torchattacks") is not None
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def mlp(d=64, k=10, seed=0):

@@ -12,12 +12,7 @@ from fastadv.evaluate import GradientMaskingWarning, evaluate
 FAST_CHECKS = dict(check_samples=24, spsa_steps=10, spsa_samples=32, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def mlp(seed=0):

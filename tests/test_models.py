@@ -6,12 +6,7 @@ from fastadv.models import (INPUT_SHAPES, MODELS, MnistCNN, Normalize, Normalize
                             WideResNet, get_model)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def n_params(m):

@@ -7,14 +7,7 @@ from fastadv.models import MnistCNN
 from fastadv.train import methods as M
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on this shared 2-core machine at load ~12, ten forward/backward
-    passes of the small CNN took 13.4 s with 2 OpenMP threads and 0.9 s with 1 (measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,6 @@ a sample is compared at the scale of one update past a residual <= tol.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -35,6 +31,7 @@ import torch
 pytest.importorskip("triton")
 
 import fastadv  # noqa: E402
+from triton_lowering import lower_for_sm90  # noqa: E402  (tests/triton_lowering.py)
 import fastadv.ot as O  # noqa: E402
 from fastadv import _dispatch, ops  # noqa: E402
 from fastadv.reference import ot as R  # noqa: E402
@@ -159,54 +156,16 @@ def test_opcheck_triton_wasserstein_project():
     torch.library.opcheck(op, args, test_utils=utils)
 
 
-_LOWERING = textwrap.dedent(
-    """
-    import importlib, importlib.util, os, sys
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    kdir = os.environ["FASTADV_KERNELS_DIR"]
-    spec = importlib.util.spec_from_file_location(
-        "_fastadv_kernels", os.path.join(kdir, "__init__.py"), submodule_search_locations=[kdir])
-    pkg = importlib.util.module_from_spec(spec)
-    sys.modules["_fastadv_kernels"] = pkg
-    spec.loader.exec_module(pkg)
-    Wm = importlib.import_module("_fastadv_kernels.wasserstein")
-    fn = Wm._wasserstein_project_kernel
-    types = ["*fp32", "*fp32", "*fp32", "*fp64", "*fp32", "*i32", "*fp32", "*fp32", "*fp32", "*fp32",
-             "i32", "i32", "i32", "fp32", "i32", "fp32"]
-    # the CIFAR shape (3x32x32 -> BLOCK 4096) at k = 5: the largest block, the most registers
-    consts = dict(K=5, BLOCK=4096)
-    names = [a for a in fn.arg_names if a not in consts]
-    sig = dict(zip(names, types), **{k: "constexpr" for k in consts})
-    c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": Wm.num_warps_for(4096)})
-    assert ".local" not in c.asm["ptx"], "register spills"
-    print("lowered", fn.__name__, consts)
-    """
-)
+_LOWERING = """
+Wm = load("wasserstein")
+types = ["*fp32", "*fp32", "*fp32", "*fp64", "*fp32", "*i32", "*fp32", "*fp32", "*fp32", "*fp32",
+         "i32", "i32", "i32", "fp32", "i32", "fp32"]
+# the CIFAR shape (3x32x32 -> BLOCK 4096) at k = 5: the largest block, the most registers
+lower(Wm._wasserstein_project_kernel, types, dict(K=5, BLOCK=4096), Wm.num_warps_for(4096))
+"""
 
 
 def test_kernel_lowers_to_ptx_for_sm90(tmp_path):
     """Compile for an H100 (sm_90) without a GPU: the interpreter accepts what the
     compiler rejects (a plain global NEG was one). 10 s here; k = 7 takes 32 s, so only k = 5."""
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except Exception as exc:  # pragma: no cover - depends on the triton build
-        pytest.skip(f"triton without its NVIDIA backend: {exc}")
-    import fastadv.kernels
-
-    env = dict(
-        os.environ,
-        TRITON_INTERPRET="0",
-        TRITON_CACHE_DIR=str(tmp_path / "cache"),
-        FASTADV_KERNELS_DIR=os.path.dirname(fastadv.kernels.__file__),
-    )
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", _LOWERING], env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
-        pytest.skip("ptxas not available to the triton NVIDIA backend")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("lowered") == 1
+    lower_for_sm90(_LOWERING, tmp_path, expect=1, timeout=300)
