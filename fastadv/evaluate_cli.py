@@ -2,17 +2,21 @@
 
 Examples::
 
-    fastadv eval --model mnist_cnn --checkpoint run/ckpt.pt --data mnist --data-root data/mnist \\
-        --eps 0.3 --attacks pgd,apgd-ce,apgd-dlr --n 1000 --out eval/
+    fastadv eval --checkpoint runs/fastadv-train/model.pt --eps 0.3          # AutoAttack standard version
+    fastadv eval --checkpoint run/model.pt --eps 0.3 --version fast --n 1000 --out eval/
     fastadv eval --model preact_resnet18 --normalize cifar10 --checkpoint ckpt.pt --data cifar10 \\
         --data-root data/cifar-10-batches-py --eps 0.03137 --curve auto --resume eval/state.json
+    torchrun --nproc_per_node 2 -m fastadv.cli eval --checkpoint run/model.pt --eps 0.3   # sharded
 
-The checkpoint is read with ``torch.load(weights_only=True)``: a state dict,
-or a dict holding one under 'model' (fastadv's training checkpoints),
-'state_dict' or 'model_state_dict'. Without ``--checkpoint`` the model keeps
-its random initialisation (useful only for smoke tests). Exit status: 0 when
-the report has no gradient-masking warning, 3 when it is suspicious, 2 on
-bad arguments or files.
+A checkpoint that fastadv wrote (``model.pt`` of ``fastadv train``) records
+its architecture, constructor options, normalization and dataset, so
+``--checkpoint`` and ``--eps`` are all it needs; for other files give
+``--model`` (and ``--model-kwargs``, ``--normalize``). Read with
+``torch.load(weights_only=True)``: a state dict, or a dict holding one under
+'model', 'state_dict' or 'model_state_dict'. Under ``torchrun`` the images
+are sharded across ranks (gloo on CPU, NCCL on GPU) and rank 0 writes the
+report; ``--resume`` then keeps one state file per rank. Exit status: 0 when
+every check passed, 3 when the report is suspicious, 2 on bad arguments or files.
 """
 from __future__ import annotations
 
@@ -25,20 +29,27 @@ DATASETS = ("mnist", "embedded-mnist", "cifar10", "cifar10-subset")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fastadv.evaluate import ATTACKS
+    from fastadv.evaluation import ATTACKS, VERSIONS
     from fastadv.models import MODELS
 
-    parser.add_argument("--model", required=True, choices=sorted(MODELS), help="model architecture (fastadv.models)")
-    parser.add_argument("--checkpoint", default=None, help="weights file (state dict or fastadv checkpoint)")
-    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--checkpoint", required=True,
+                        help="weights file: a fastadv model.pt / last.pt (architecture read from it) or a state dict")
+    parser.add_argument("--model", default=None, choices=sorted(MODELS),
+                        help="model architecture (default: the one recorded in a fastadv checkpoint)")
+    parser.add_argument("--num-classes", type=int, default=None, help="default: recorded, else 10")
     parser.add_argument("--normalize", default=None, help="wrap the model in NormalizedModel: cifar10 | imagenet")
-    parser.add_argument("--model-kwargs", default="{}", help='JSON constructor options, e.g. \'{"width": 0.5}\'')
-    parser.add_argument("--data", default="embedded-mnist", choices=DATASETS)
+    parser.add_argument("--model-kwargs", default=None, help='JSON constructor options, e.g. \'{"width": 0.5}\'')
+    parser.add_argument("--data", default=None, choices=DATASETS,
+                        help="default: the dataset recorded in the checkpoint, else embedded-mnist")
     parser.add_argument("--data-root", default=None, help="folder of the dataset files (mnist, cifar10)")
     parser.add_argument("--split", default="test", help="dataset split (default test)")
-    parser.add_argument("--n", type=int, default=None, help="evaluate the first n samples")
+    parser.add_argument("--n-samples", "--n", dest="n", type=int, default=None,
+                        help="evaluate the first N samples (under torchrun write --n-samples: torchrun reads --n as its own)")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--attacks", default="apgd-ce,apgd-dlr", help=f"comma list of {', '.join(ATTACKS)}")
+    parser.add_argument("--version", default=None, choices=VERSIONS,
+                        help="standard (default: AutoAttack's APGD-CE, APGD-T, FAB-T, Square) | plus | rand | fast | "
+                             "custom (with --attacks)")
+    parser.add_argument("--attacks", default=None, help=f"custom comma list of {', '.join(ATTACKS)}")
     parser.add_argument("--eps", type=float, required=True, help="radius in [0, 1] pixel units (e.g. 0.3, 8/255=0.03137)")
     parser.add_argument("--norm", default="linf", choices=("linf", "l2", "l1"))
     parser.add_argument("--no-cascade", action="store_true", help="run every attack on every clean-correct sample")
@@ -54,18 +65,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-def load_weights(path) -> dict:
-    """A state dict from ``path`` (torch.load with weights_only=True)."""
+def load_weights(path) -> tuple[dict, dict]:
+    """(state dict, recorded model meta or {}) from ``path`` (torch.load with weights_only=True)."""
     import torch
 
+    if not pathlib.Path(path).is_file():
+        raise ValueError(f"--checkpoint {path}: no such file")
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(obj, dict):
+        meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+        if not meta and isinstance(obj.get("config"), dict):  # a training checkpoint (last.pt)
+            meta = obj["config"].get("model_meta") or {}
         for key in ("model", "state_dict", "model_state_dict"):
             if key in obj and isinstance(obj[key], dict):
-                return obj[key]
+                return obj[key], meta
         if all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return obj
+            return obj, {}
     raise ValueError(f"checkpoint {path} holds no state dict (expected one, or a dict with 'model' or 'state_dict')")
+
+
+def build_model(args):
+    """The model the checkpoint holds: recorded architecture, overridden by any flag given."""
+    from fastadv.models import get_model
+
+    sd, meta = load_weights(args.checkpoint)
+    name = args.model or meta.get("name")
+    if name is None:
+        raise ValueError(f"--checkpoint {args.checkpoint} records no architecture (not written by fastadv train): "
+                         "give --model (and --model-kwargs / --normalize as it was trained)")
+    kwargs = json.loads(args.model_kwargs) if args.model_kwargs is not None else dict(meta.get("kwargs") or {})
+    normalize = args.normalize if args.normalize is not None else meta.get("normalize")
+    num_classes = args.num_classes or meta.get("num_classes") or 10
+    model = get_model(name, num_classes, normalize=normalize, **kwargs)
+    target = model.model if normalize is not None and not any(k.startswith("model.") for k in sd) else model
+    try:
+        target.load_state_dict(sd)
+    except RuntimeError as exc:
+        raise ValueError(f"--checkpoint {args.checkpoint} does not fit --model {name} with options {kwargs}: "
+                         f"{str(exc).splitlines()[0]}") from exc
+    return model, meta
 
 
 def load_data(name: str, root, split: str):
@@ -98,30 +136,43 @@ def load_data(name: str, root, split: str):
 def run(args) -> int:
     import torch
 
-    from fastadv.evaluate import evaluate
-    from fastadv.models import get_model
+    from fastadv.evaluation import evaluate
+    from fastadv.train import distributed as D
 
     try:
-        kwargs = json.loads(args.model_kwargs)
-        model = get_model(args.model, args.num_classes, normalize=args.normalize, **kwargs)
-        if args.checkpoint is not None:
-            sd = load_weights(args.checkpoint)
-            target = model.model if args.normalize is not None and not any(k.startswith("model.") for k in sd) else model
-            target.load_state_dict(sd)
-        x, y = load_data(args.data, args.data_root, args.split)
+        model, meta = build_model(args)
+        data_name = args.data or meta.get("dataset") or "embedded-mnist"
+        if data_name not in DATASETS:
+            raise ValueError(f"the checkpoint was trained on --dataset {data_name}, which fastadv eval cannot read; "
+                             f"give --data (one of {', '.join(DATASETS)})")
+        x, y = load_data(data_name, args.data_root, args.split)
+        attacks = None
+        if args.attacks is not None:
+            attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     except (ValueError, OSError, RuntimeError, KeyError, StopIteration) as exc:
         print(f"fastadv eval: {exc}", file=sys.stderr)
         return 2
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    want = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dist = D.setup(want)
+    device = torch.device(f"cuda:{dist.local_rank}" if dist.distributed and want.startswith("cuda") else want)
     model.to(device)
     curve = None
     if args.curve:
         curve = "auto" if args.curve == "auto" else [float(v) for v in args.curve.split(",")]
-    report = evaluate(model, (x, y), attacks=[a.strip() for a in args.attacks.split(",") if a.strip()], eps=args.eps,
-                      norm=args.norm, batch_size=args.batch_size, n=args.n, device=device,
-                      cascade=not args.no_cascade, curve=curve, checks=not args.no_checks,
-                      check_samples=args.check_samples, model_mode=args.model_mode, autocast=args.autocast,
-                      state_path=args.resume, out_dir=args.out, progress=not args.no_progress, seed=args.seed)
+    try:
+        report = evaluate(model, (x, y), attacks=attacks, version=args.version, eps=args.eps, norm=args.norm,
+                          batch_size=args.batch_size, n=args.n, device=device, cascade=not args.no_cascade,
+                          curve=curve, checks=not args.no_checks, check_samples=args.check_samples,
+                          model_mode=args.model_mode, autocast=args.autocast, state_path=args.resume,
+                          out_dir=args.out, progress=not args.no_progress, seed=args.seed)
+    except (ValueError, TypeError) as exc:
+        print(f"fastadv eval: {exc}", file=sys.stderr)
+        D.cleanup()
+        return 2
+    D.cleanup()
+    if not dist.is_main:
+        return 3 if report["suspicious"] else 0
+    print(f"{report['version']} evaluation, {report['norm']} eps={report['eps']:g}, world size {report['world_size']}")
     print(f"clean accuracy   {report['clean_accuracy']:.2%}  (n={report['n']})")
     for name, r in report["attacks"].items():
         ips = r["images_per_s"]
@@ -131,9 +182,11 @@ def run(args) -> int:
           f"eps={report['eps']:g}, {report['norm']})")
     if report["curve"]:
         print("curve: " + ", ".join(f"{c['eps']:.4g}: {c['robust_accuracy']:.1%}" for c in report["curve"]))
-    for w in report["warnings"]:
-        print(f"WARNING: {w}")
+    for note in report["notes"]:
+        print(f"note: {note}")
+    for name, c in report["checks"].items():
+        print(f"  check {name:<20} {c['status'].upper():<5} {c['detail']}")
     print(report["verdict"])
     if args.out:
-        print(f"wrote {pathlib.Path(args.out) / 'report.json'}")
+        print(f"wrote {pathlib.Path(args.out) / 'report.json'} and report.md")
     return 3 if report["suspicious"] else 0

@@ -143,7 +143,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     common = ["--dataset", "embedded-mnist", "--train-samples", "256", "--batch-size", "64", "--epochs", "1",
               "--method", "pgd", "--no-random-start", "--steps", "2", "--alpha", "0.05", "--eps", "0.1",
               "--width", "0.25", "--optimizer", "sgd", "--lr", "0.05", "--eval-samples", "64", "--eval-steps", "1",
-              "--no-progress", "--device", "cpu"]
+              "--no-progress", "--device", "cpu", "--final-eval", "none"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     one = subprocess.run([sys.executable, "-m", "fastadv.cli", "train", *common, "--out", str(tmp_path / "one")],
                          env=env, capture_output=True, text=True, timeout=600)
@@ -153,8 +153,8 @@ def test_torchrun_two_processes_match_one(tmp_path):
                           "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "world size 2" in two.stderr
-    a = torch.load(tmp_path / "one" / "model.pt", weights_only=True)
-    b = torch.load(tmp_path / "two" / "model.pt", weights_only=True)
+    a = torch.load(tmp_path / "one" / "model.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "two" / "model.pt", weights_only=True)["model"]
     start = MnistCNN(width=0.25).state_dict()
     for k in a:
         assert not torch.equal(a[k], start[k]) or k.endswith("bias")  # it trained
@@ -172,12 +172,22 @@ def test_cli_small_run(tmp_path, capsys):
     rc = main(["train", "--train-samples", "200", "--batch-size", "50", "--epochs", "1", "--steps", "2",
                "--width", "0.25", "--eval-samples", "50", "--eval-steps", "2", "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
-    out = capsys.readouterr().out
-    assert "clean accuracy" in out and "robust accuracy" in out
-    summary = json.loads(out.strip().splitlines()[-1])
+    lines = capsys.readouterr().out.strip().splitlines()
+    # The last line is the headline: fastadv.evaluate(version='fast') on the held-out images, named by its attacks.
+    assert lines[-1].startswith("robust accuracy ") and "under APGD-CE + APGD-T" in lines[-1], lines[-1]
+    summary = json.loads(lines[-2])
     assert summary["method"] == "pgd" and 0 <= summary["robust_acc"] <= 1
-    for f in ("last.pt", "model.pt", "metrics.jsonl", "metrics.csv", "curves.png"):
+    fe = summary["final_eval"]
+    assert fe["attacks"] == ["apgd-ce", "apgd-t"] and fe["n"] == 50
+    assert f"{100 * fe['robust_acc']:.2f}%" in lines[-1]
+    # APGD-CE + APGD-T is at least as strong as the per-epoch PGD-2 on the same images
+    assert fe["robust_acc"] <= summary["robust_acc"] + 1e-9
+    for f in ("last.pt", "model.pt", "metrics.jsonl", "metrics.csv", "curves.png", "eval/report.json",
+              "eval/report.md"):
         assert (tmp_path / f).exists(), f
+    # model.pt records what rebuilds the model, so `fastadv eval --checkpoint model.pt --eps ...` needs nothing else
+    meta = torch.load(tmp_path / "model.pt", weights_only=True)["meta"]
+    assert meta["name"] == "mnist_cnn" and meta["kwargs"] == {"width": 0.25} and meta["dataset"] == "embedded-mnist"
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

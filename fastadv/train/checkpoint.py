@@ -124,6 +124,27 @@ def save_checkpoint(path, *, model, optimizer=None, scheduler=None, scaler=None,
     return path
 
 
+MODEL_FORMAT = "fastadv-model"
+
+
+def save_model_file(path, model, meta: dict | None = None) -> pathlib.Path:
+    """The final weights with what rebuilds the model: {'format', 'model': state dict, 'meta': {...}}.
+
+    ``meta`` (JSON types only): name, num_classes, kwargs, normalize, dataset,
+    input_shape; ``fastadv eval --checkpoint`` reads it. Written atomically.
+    """
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save({"format": MODEL_FORMAT, "model": unwrap(model).state_dict(), "meta": dict(meta or {})}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
     """Load and check a checkpoint written by :func:`save_checkpoint`.
 

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastadv.train import distributed as D
-from fastadv.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state, unwrap
+from fastadv.train.checkpoint import (CheckpointError, load_checkpoint, save_checkpoint, save_model_file, set_rng_state,
+                                      unwrap)
 from fastadv.train.methods import BindContext, Method
 
 __all__ = ["TrainConfig", "Trainer", "evaluate_accuracy", "make_scheduler", "TensorData", "DatasetData",
@@ -89,6 +90,9 @@ class TrainConfig:
     augment: str | None = None  # None | 'crop-flip' (CIFAR: pad-4 random crop + flip on tensors)
     plot: bool = True
     max_steps: int | None = None  # stop (with a checkpoint) after this many optimizer steps in this call
+    # What rebuilds the model: {"name", "num_classes", "kwargs", "normalize", "dataset", "input_shape"}; written
+    # into model.pt so `fastadv eval --checkpoint model.pt` needs no --model / --model-kwargs.
+    model_meta: dict | None = None
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -553,7 +557,7 @@ class Trainer:
                 self.save()
         if not stopped:
             if self.is_main and self.out_dir:
-                torch.save(unwrap(self.net).state_dict(), self.out_dir / "model.pt")
+                save_model_file(self.out_dir / "model.pt", self.net, self.cfg.model_meta)
                 if cfg.plot:
                     self.plot(self.out_dir / "curves.png")
         result = {k: v for k, v in (self.history[-1] if self.history else {}).items() if k not in ("type", "epoch")}
