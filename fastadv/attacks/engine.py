@@ -16,6 +16,18 @@
 * channels_last inputs when the model uses them (``Attack.logits``);
 * ``compile=True``: the model is wrapped in ``torch.compile`` (once per model);
   the fused steps are registered ops with fake kernels, so they trace too;
+* ``eot_iter=k`` (Expectation over Transformation, Athalye, Carlini & Wagner
+  2018, "Obfuscated Gradients Give a False Sense of Security"; Athalye,
+  Engstrom, Ilyas & Kwok 2018, "Synthesizing Robust Adversarial Examples"):
+  each step's gradient, per-sample loss and logits are the mean over k
+  forward+backward passes at the same iterate, which estimates E[grad] of a
+  randomized model (input noise, random resizing, dropout at test time).
+  AutoAttack sums the k gradients and divides by k, as here, but takes the
+  loss and the prediction from the last draw; we average those too, so the
+  step-size checkpoints and the fooled test see the expected loss and logits.
+  A deterministic model gets the same iterates as k = 1 (bit for bit for
+  k = 2, where the sum and the halving are exact, else up to the rounding of
+  the mean); k = 1 is the plain loop;
 * ``cuda_graph=True`` (CUDA tensors, no early stop, fixed shapes): the whole
   K-step loop (forward, backward, step, K times) is captured once into a CUDA
   graph and replayed per batch, which removes the per-kernel launch cost that
@@ -31,7 +43,7 @@ from typing import Callable
 
 import torch
 
-from fastadv.attacks.base import Attack, attack_loss, grad_objective, grad_wrt, is_fooled
+from fastadv.attacks.base import Attack, attack_loss, check_int, grad_objective, grad_wrt, is_fooled
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, dict, int, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -78,9 +90,35 @@ def _bshape(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
+def eot_grad(forward, loss, xc: torch.Tensor, s: dict, targeted: bool, eot_iter: int = 1):
+    """(grad, per-sample loss, logits) at xc, each the mean over ``eot_iter`` passes (EOT).
+
+    One pass: forward, objective, d objective / d x. With eot_iter > 1 the k
+    gradients, losses and logits are summed and divided by k (AutoAttack's
+    ``grad /= eot_iter``); the model's own randomness (if any) gives each pass
+    a fresh draw. Shapes: xc (B, ...), grad like xc, loss (B,), logits (B, K).
+    """
+    xr = xc.detach().requires_grad_(True)
+    logits = forward(xr)
+    cost, per = objective(loss, logits, s, targeted)
+    g = grad_wrt(cost, xr)
+    if eot_iter == 1:
+        return g, per, logits.detach()
+    logits = logits.detach()
+    for _ in range(eot_iter - 1):
+        xr = xc.detach().requires_grad_(True)
+        z = forward(xr)
+        cost, p = objective(loss, z, s, targeted)
+        g = g + grad_wrt(cost, xr)
+        per = per + p
+        logits = logits + z.detach()
+    return g / eot_iter, per / eot_iter, logits / eot_iter
+
+
 def run_loop(atk: Attack, x0: torch.Tensor, y: torch.Tensor, x: torch.Tensor, steps: int, step: StepFn, *,
              loss: str = "ce", state: dict | None = None, early_stop: bool = False, tau: int = 0,
-             compact_every: int | None = None, compile: bool = False, cuda_graph: bool = False) -> dict:
+             compact_every: int | None = None, compile: bool = False, cuda_graph: bool = False,
+             eot_iter: int = 1) -> dict:
     """K attack steps on a batch, with per-sample early stop and compaction.
 
     Args:
@@ -98,10 +136,12 @@ def run_loop(atk: Attack, x0: torch.Tensor, y: torch.Tensor, x: torch.Tensor, st
         early_stop: freeze a sample once fooled (after tau extra fooled steps).
         compact_every: steps between compactions (host syncs); default 1 on CPU, 4 on CUDA.
         compile, cuda_graph: see the module docstring.
+        eot_iter: forward+backward passes averaged per step (EOT, default 1; see the module docstring).
     Returns:
         dict of full-batch tensors: 'x' (the final or frozen iterate), every key
         of ``state``, and 'stopped' (bool (B,), True where early stop froze the sample).
     """
+    check_int("eot_iter", eot_iter, 1)
     b = x0.shape[0]
     s = {"x0": x0, "y": y}
     for k, v in (state or {}).items():
@@ -111,14 +151,10 @@ def run_loop(atk: Attack, x0: torch.Tensor, y: torch.Tensor, x: torch.Tensor, st
                 "stopped": torch.zeros(b, dtype=torch.bool, device=x.device)}
     forward = model_forward(atk, compile)
     if cuda_graph and x.is_cuda and not early_stop:
-        return _graphed_loop(atk, forward, x0, y, x, steps, step, loss, s)
+        return _graphed_loop(atk, forward, x0, y, x, steps, step, loss, s, eot_iter)
 
     def grad_at(xc, ss):
-        xr = xc.detach().requires_grad_(True)
-        logits = forward(xr)
-        cost, per = objective(loss, logits, ss, atk.targeted)
-        g = grad_wrt(cost, xr)
-        return g, per, logits.detach()
+        return eot_grad(forward, loss, xc, ss, atk.targeted, eot_iter)
 
     if not early_stop:
         for t in range(steps):
@@ -167,7 +203,7 @@ def run_loop(atk: Attack, x0: torch.Tensor, y: torch.Tensor, x: torch.Tensor, st
     return {**out, "stopped": stopped_full}
 
 
-def _graphed_loop(atk, forward, x0, y, x, steps, step, loss, s):
+def _graphed_loop(atk, forward, x0, y, x, steps, step, loss, s, eot_iter=1):
     """Capture the whole K-step loop in one CUDA graph (fixed shapes), replay per call.
 
     The graph is cached per (model, shapes, steps, loss, attack settings).
@@ -177,7 +213,8 @@ def _graphed_loop(atk, forward, x0, y, x, steps, step, loss, s):
     """
     extra = {k: v for k, v in s.items() if k not in ("x0", "y")}
     key = (id(atk.model), id(step.__func__) if hasattr(step, "__func__") else id(step), tuple(x.shape), str(x.device),
-           steps, loss if isinstance(loss, str) else id(loss), atk.targeted, atk.autocast_dtype, tuple((k, tuple(v.shape)) for k, v in extra.items()))
+           steps, loss if isinstance(loss, str) else id(loss), atk.targeted, atk.autocast_dtype,
+           tuple((k, tuple(v.shape)) for k, v in extra.items()), eot_iter)
     entry = _GRAPHS.get(key)
     if entry is None:
         static = {"x": x.clone(), "x0": x0.clone(), "y": y.clone(), **{k: v.clone() for k, v in extra.items()}}
@@ -186,10 +223,7 @@ def _graphed_loop(atk, forward, x0, y, x, steps, step, loss, s):
             xc = static["x"]
             ss = {k: v for k, v in static.items() if k != "x"}
             for t in range(steps):
-                xr = xc.detach().requires_grad_(True)
-                logits = forward(xr)
-                cost, per = objective(loss, logits, ss, atk.targeted)
-                g = grad_wrt(cost, xr)
+                g, per, logits = eot_grad(forward, loss, xc, ss, atk.targeted, eot_iter)
                 xc = step(xc, g, ss, t, per, logits)
             return xc, ss
 

@@ -48,7 +48,9 @@ def random_start(norm: str, x0: torch.Tensor, eps: torch.Tensor, clip, generator
             z = torch.randn(x0.shape, device=x0.device, generator=generator)
             n = z.reshape(b, -1).norm(dim=1)
         else:
-            z = torch.distributions.Laplace(0.0, 1.0).sample(x0.shape).to(x0.device)
+            # Laplace(0, 1) = random sign x Exp(1), drawn from the generator (not the global RNG)
+            z = torch.empty(x0.shape, device=x0.device).exponential_(generator=generator)
+            z = z * (torch.rand(x0.shape, device=x0.device, generator=generator) < 0.5).float().mul(2).sub(1)
             n = z.reshape(b, -1).abs().sum(1)
         r = torch.rand(b, device=x0.device, generator=generator)
         d = z * (r / n.clamp_min(1e-12)).reshape(e.shape) * e
@@ -69,6 +71,8 @@ class PGD(Attack):
         loss: 'ce' (default) | 'cw' (margin) | 'dlr'.
         early_stop: freeze fooled samples and drop them from the batch (default False).
         sparsity: L1 only: fraction of coordinates left out of each step (default 0.95).
+        eot_iter: gradients averaged per step (Expectation over Transformation, for
+            randomized models; default 1 = plain PGD; see ``fastadv.attacks.engine``).
         compact_every, compile, cuda_graph: engine options (``fastadv.attacks.engine``).
         targeted, model_mode, autocast, channels_last, clip: see ``Attack``.
     Shapes: x (B, ...) float in clip, y (B,) int64 -> x_adv like x.
@@ -79,7 +83,7 @@ class PGD(Attack):
     def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps: int = 10, *, norm: str = "linf",
                  random_start: bool = True, restarts: int = 1, loss: str = "ce", early_stop: bool = False,
                  sparsity: float = 0.95, compact_every: int | None = None, compile: bool = False,
-                 cuda_graph: bool = False, generator: torch.Generator | None = None, **kwargs):
+                 cuda_graph: bool = False, eot_iter: int = 1, generator: torch.Generator | None = None, **kwargs):
         super().__init__(model, **kwargs)
         self.eps = check_eps("eps", eps)
         self.alpha = check_eps("alpha", alpha)
@@ -97,6 +101,7 @@ class PGD(Attack):
         self.compact_every = compact_every
         self.compile = bool(compile)
         self.cuda_graph = bool(cuda_graph)
+        self.eot_iter = check_int("eot_iter", eot_iter, 1)
         self.generator = generator
         self.tau = 0
 
@@ -121,7 +126,8 @@ class PGD(Attack):
             x0, ys, e, a = (x, y, eps, alpha) if idx is None else (x[idx], y[idx], eps[idx], alpha[idx])
             res = engine.run_loop(self, x0, ys, self.start(x0, e), self.steps, self._step, loss=self.loss,
                                   state={"eps": e, "alpha": a}, early_stop=self.early_stop, tau=self.tau,
-                                  compact_every=self.compact_every, compile=self.compile, cuda_graph=self.cuda_graph)
+                                  compact_every=self.compact_every, compile=self.compile, cuda_graph=self.cuda_graph,
+                                  eot_iter=self.eot_iter)
             return res["x"]
 
         return engine.with_restarts(self, x, y, self.restarts, once, self.loss)
