@@ -18,7 +18,8 @@ if [[ -z "$NVCC" ]]; then
   echo "nvcc not found, skipping"
   exit 0
 fi
-PYTHON="${PYTHON:-python}"
+# The interpreter whose torch to compile against: $PYTHON (the tests pass sys.executable), else python3 on PATH.
+PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 TORCH_DIR="$("$PYTHON" -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
 ARCH="${FASTADV_NVCC_ARCH:-sm_90}"
 # A CPU wheel of torch ships the c10/cuda headers but not the generated

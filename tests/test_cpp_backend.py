@@ -19,6 +19,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -140,8 +141,8 @@ def test_bad_arguments_are_named():
 def test_cuda_sources_compile_with_nvcc():
     # About 40 s of CPU per .cu file (torch headers dominate); this is the
     # only check the CUDA sources get on a machine without a GPU.
-    proc = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "check_nvcc.sh")], capture_output=True, text=True, timeout=900
-    )
+    # PYTHON: this interpreter, not the first `python` on PATH (without an activated venv that one has no torch)
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "check_nvcc.sh")], capture_output=True, text=True,
+                          timeout=900, env=dict(os.environ, PYTHON=sys.executable))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "FAIL" not in proc.stdout

@@ -41,14 +41,96 @@ from __future__ import annotations
 
 from typing import Callable
 
+import weakref
+from collections import OrderedDict
+
 import torch
 
 from fastadv.attacks.base import Attack, attack_loss, check_int, grad_objective, grad_wrt, is_fooled
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, dict, int, torch.Tensor, torch.Tensor], torch.Tensor]
 
-_COMPILED: dict[int, object] = {}
-_GRAPHS: dict[tuple, object] = {}
+class _LRU(OrderedDict):
+    """A bounded cache, least recently used entry evicted first.
+
+    Compiled models and captured graphs hold their model (and a graph its
+    static GPU buffers), so an unbounded dict keyed on ``id(model)`` kept every
+    model ever attacked alive, and a recycled id could hand back another
+    model's graph. Keys hold a weak reference check instead (see ``_model_ref``).
+    """
+
+    def __init__(self, maxsize: int):
+        super().__init__()
+        self.maxsize = maxsize
+
+    def lookup(self, key):
+        if key not in self:
+            return None
+        self.move_to_end(key)
+        return self[key]
+
+    def put(self, key, value) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.maxsize:
+            self.popitem(last=False)
+
+
+_COMPILED = _LRU(4)   # model -> torch.compile(model)
+_GRAPHS = _LRU(8)     # graph_key(...) -> (graph, static buffers, outputs)
+
+
+def clear_caches() -> None:
+    """Drop every compiled model and captured CUDA graph (frees their models and GPU buffers)."""
+    _COMPILED.clear()
+    _GRAPHS.clear()
+
+
+def _model_ref(model):
+    """(id, weak reference) of the model: the id alone can be reused by a new object after the old one dies."""
+    try:
+        return id(model), weakref.ref(model)
+    except TypeError:  # a plain function or other object without weakref support
+        return id(model), None
+
+
+def _cache_get(cache: _LRU, key, model):
+    entry = cache.lookup(key)
+    if entry is None:
+        return None
+    ref, value = entry
+    if ref is not None and ref() is not model:  # the id was recycled: stale entry
+        del cache[key]
+        return None
+    return value
+
+
+def _cache_put(cache: _LRU, key, model, value) -> None:
+    cache.put(key, (_model_ref(model)[1], value))
+
+
+def settings_key(atk) -> tuple:
+    """Every public, non-tensor setting of the attack instance (norm, loss, clip, sparsity, model_mode,
+    channels_last, targeted, autocast, steps, ...), as a hashable tuple."""
+    items = []
+    for k, v in sorted(vars(atk).items()):
+        if k.startswith("_") or k in ("model", "generator"):
+            continue
+        if isinstance(v, (bool, int, float, str, type(None), torch.dtype)):
+            items.append((k, v))
+        elif isinstance(v, tuple) and all(isinstance(e, (bool, int, float, str, type(None))) for e in v):
+            items.append((k, v))
+    return (type(atk).__module__, type(atk).__qualname__, tuple(items))
+
+
+def graph_key(atk, step, x: torch.Tensor, steps: int, loss, extra: dict, eot_iter: int) -> tuple:
+    """What a captured K-step loop depends on: the model, the step function, the attack's settings, the
+    shapes and dtypes of every buffer, steps, loss and EOT count. PGD(norm='l2') and PGD(norm='linf') share
+    a step method, so the settings are what keeps their graphs apart."""
+    fn = step.__func__ if hasattr(step, "__func__") else step
+    return (id(atk.model), id(fn), settings_key(atk), tuple(x.shape), x.dtype, str(x.device), steps,
+            loss if isinstance(loss, str) else id(loss),
+            tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(extra.items())), eot_iter)
 
 
 def _expand(value, batch: int, device) -> torch.Tensor:
@@ -64,9 +146,10 @@ def model_forward(atk: Attack, compile: bool):
     if not compile:
         return atk.logits
     key = id(atk.model)
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(atk.model)
-    compiled = _COMPILED[key]
+    compiled = _cache_get(_COMPILED, key, atk.model)
+    if compiled is None:
+        compiled = torch.compile(atk.model)
+        _cache_put(_COMPILED, key, atk.model, compiled)
 
     def forward(x):
         model = atk.model
@@ -212,10 +295,8 @@ def _graphed_loop(atk, forward, x0, y, x, steps, step, loss, s, eot_iter=1):
     GPU-only path: never run on the CPU CI machine.
     """
     extra = {k: v for k, v in s.items() if k not in ("x0", "y")}
-    key = (id(atk.model), id(step.__func__) if hasattr(step, "__func__") else id(step), tuple(x.shape), str(x.device),
-           steps, loss if isinstance(loss, str) else id(loss), atk.targeted, atk.autocast_dtype,
-           tuple((k, tuple(v.shape)) for k, v in extra.items()), eot_iter)
-    entry = _GRAPHS.get(key)
+    key = graph_key(atk, step, x, steps, loss, extra, eot_iter)
+    entry = _cache_get(_GRAPHS, key, atk.model)
     if entry is None:
         static = {"x": x.clone(), "x0": x0.clone(), "y": y.clone(), **{k: v.clone() for k, v in extra.items()}}
 
@@ -240,7 +321,7 @@ def _graphed_loop(atk, forward, x0, y, x, steps, step, loss, s, eot_iter=1):
         with torch.cuda.graph(graph):
             out_x, out_s = body()
         entry = (graph, static, out_x, out_s)
-        _GRAPHS[key] = entry
+        _cache_put(_GRAPHS, key, atk.model, entry)
     graph, static, out_x, out_s = entry
     static["x"].copy_(x)
     static["x0"].copy_(x0)

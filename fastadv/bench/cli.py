@@ -25,6 +25,7 @@ TARGETS = {
     "sinkhorn": "batched Sinkhorn projection and Wasserstein attack (issue 3)",
     "attacks": "PGD attack engine vs torchattacks and the model's floor (issue 4)",
     "train": "adversarial training images/s vs an eager recipe (issue 5)",
+    "eval": "fastadv.evaluate(version='standard') vs AutoAttack's standard version from torchattacks (issue 8)",
 }
 DEFAULT_TARGET = "ops"
 
@@ -38,6 +39,8 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-time", type=float, default=None, help="seconds of timed runs per case (default: the target's)")
     p.add_argument("--out", default=None, help="folder for the JSON result (default: benchmarks/results/)")
     p.add_argument("--no-save", action="store_true", help="print the table only, write no JSON")
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="write the JSON even from a tree with uncommitted changes (marked -dirty)")
 
 
 def _module_name(target: str) -> str:
@@ -120,6 +123,14 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    commit = harness._git_commit()
+    # benchmarks/results/ holds the committed results: only from a committed tree. Elsewhere (--out) the JSON
+    # is written with its commit marked -dirty.
+    if not args.no_save and args.out is None and commit and commit.endswith("-dirty") and not args.allow_dirty:
+        print(f"fastadv bench {target}: the tree has uncommitted changes ({commit}); results come from a committed "
+              "tree: commit first, or pass --no-save (print only) or --allow-dirty (the JSON is marked dirty)",
+              file=sys.stderr)
+        return 2
     payload = mod.run(args)
     if not isinstance(payload, dict) or "rows" not in payload:
         print(f"fastadv bench {target}: run(args) must return a dict with 'rows'", file=sys.stderr)
