@@ -181,6 +181,24 @@ def evaluate(model, data, attacks=None, eps=8 / 255, *, version: str | None = No
     common = dict(model_mode=model_mode, autocast=autocast, clip=clip)
     guard = Attack(model, **common)
     rank, world = _dist()
+    # model_mode='train' updates batch-norm running statistics on every forward; the evaluation must not
+    # change the user's model, so the buffers are put back at the end.
+    saved_buffers = ({k: b.detach().clone() for k, b in model.named_buffers()}
+                     if model_mode == "train" and isinstance(model, torch.nn.Module) else None)
+    try:
+        return _evaluate(model, data, attacks, eps, version, norm, batch_size, n, device, cascade, curve,
+                         curve_attack, checks, check_samples, spsa_steps, spsa_samples, transfer_sources, common,
+                         guard, rank, world, state_path, out_dir, progress, seed, autocast, model_mode)
+    finally:
+        if saved_buffers is not None:
+            with torch.no_grad():
+                for k, b in model.named_buffers():
+                    b.copy_(saved_buffers[k])
+
+
+def _evaluate(model, data, attacks, eps, version, norm, batch_size, n, device, cascade, curve, curve_attack, checks,
+              check_samples, spsa_steps, spsa_samples, transfer_sources, common, guard, rank, world, state_path,
+              out_dir, progress, seed, autocast, model_mode) -> dict:
 
     # 1. The first batch: validates the data and tells the number of classes.
     it = C.iterate_batches(data, batch_size, n)
@@ -285,5 +303,5 @@ def _curve(model, guard, x, y, eps_list, norm, attack, common, seed, n_classes) 
             with guard.model_context():
                 survived = (C._predict(guard, adv.float()) == y[idx]) | ~ok
             acc = survived.float().sum().item() / x.shape[0]
-        pts.append({"eps": e, "robust_accuracy": acc})
+        pts.append({"eps": e, "robust_accuracy": acc, "n": int(x.shape[0])})
     return pts
