@@ -322,3 +322,15 @@ def test_threshold_model_is_suspicious():
                      progress=False)
     assert r["suspicious"] and r["verdict"].startswith("SUSPICIOUS")
     assert r["checks"]["zero_gradient"]["status"] == "fail"
+
+
+@pytest.mark.slow
+def test_readme_usage_example_runs_as_written():
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"## Use it from your code\s+```python\n(.*?)```", readme, re.S).group(1)
+    env: dict = {}
+    exec(compile(block, "README.md", "exec"), env)  # noqa: S102 - the README's own example
+    assert 0 <= env["report"]["robust_accuracy"] <= env["report"]["clean_accuracy"] <= 1
