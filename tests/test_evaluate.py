@@ -334,3 +334,62 @@ def test_readme_usage_example_runs_as_written():
     env: dict = {}
     exec(compile(block, "README.md", "exec"), env)  # noqa: S102 - the README's own example
     assert 0 <= env["report"]["robust_accuracy"] <= env["report"]["clean_accuracy"] <= 1
+
+
+def test_review_fixes_few_classes_order_generators_and_nonfinite(tmp_path):
+    from fastadv.attacks import APGD
+    from fastadv.evaluation.versions import make_attack
+
+    # L1 standard: APGD-T 5 targets but FAB-T keeps AutoAttack's 9
+    m10 = mlp()
+    assert make_attack("fab-t", m10, 1.0, "l1", version="standard", n_classes=10).n_target_classes == 9
+    # 2 classes: names adapted together (apgd-t and apgd-dlr both become apgd-cw, run once, with notes)
+    m2 = mlp(k=2)
+    x, y = data(m2, n=16)
+    r = evaluate(m2, (x, y), attacks=["apgd-t", "apgd-dlr"], eps=0.05, **QUIET)
+    assert list(r["attacks"]) == ["apgd-cw"] and len(r["notes"]) >= 2
+    # an instance that cannot run on 2 classes is refused with a reason, not an IndexError
+    with pytest.raises(ValueError, match="needs >= 3 classes"):
+        evaluate(m2, (x, y), attacks=[APGD(m2, 0.05, 10, loss="dlr")], eps=0.05, **QUIET)
+    # the fingerprint sees the cascade order
+    x, y = data(m10, n=16)
+    state = tmp_path / "s.json"
+    evaluate(m10, (x, y), attacks=["fgsm", "pgd"], eps=0.05, state_path=state, **QUIET)
+    with pytest.raises(ValueError, match="holds a different evaluation"):
+        evaluate(m10, (x, y), attacks=["pgd", "fgsm"], eps=0.05, state_path=state, **QUIET)
+    # ... and other data under the same settings
+    with pytest.raises(ValueError, match="other data"):
+        evaluate(m10, (x, (y + 1) % 10), attacks=["fgsm", "pgd"], eps=0.05, state_path=state, **QUIET)
+    # a user instance with its own generator: per-batch generator, restored afterwards, reproducible
+    g = torch.Generator().manual_seed(5)
+    atk = PGD(m10, 0.05, 0.01, 5, generator=g)
+    r1 = evaluate(m10, (x, y), attacks=[("pgd", atk)], eps=0.05, batch_size=8, **QUIET)
+    r2 = evaluate(m10, (x, y), attacks=[("pgd", atk)], eps=0.05, batch_size=8, **QUIET)
+    assert atk.generator is g and r1["attacks"]["pgd"]["fooled"] == r2["attacks"]["pgd"]["fooled"]
+    # curve_attack is checked before the cascade runs
+    with pytest.raises(ValueError, match="curve_attack must be one of"):
+        evaluate(m10, (x, y), attacks=["fgsm"], eps=0.05, curve="auto", curve_attack="nope", **QUIET)
+    with pytest.raises(ValueError, match="curve must be"):
+        evaluate(m10, (x, y), attacks=["fgsm"], eps=0.05, curve="all", **QUIET)
+
+    class NaNAway(nn.Module):  # finite at the clean points, NaN anywhere else
+        def forward(self, t):
+            z = m10(t)
+            far = (t - x[: t.shape[0]]).abs().flatten(1).amax(1) > 0 if t.shape[0] == x.shape[0] else \
+                torch.ones(t.shape[0], dtype=torch.bool)
+            return torch.where(far[:, None], torch.full_like(z, float("nan")), z)
+
+    nan_model = NaNAway()
+    r = evaluate(nan_model, (x, y), attacks=[("move", Returns(nan_model, 0.05, lambda t: (t + 0.01).clamp(0, 1)))],
+                 eps=0.05, batch_size=16, **QUIET)
+    # a NaN output at the adversarial point is no evidence of robustness: counted as fooled, and noted
+    assert r["robust_accuracy"] == 0 and r["attacks"]["move"]["nonfinite"] == r["attacks"]["move"]["ran_on"]
+    assert any("NaN or inf" in n for n in r["notes"])
+
+
+def test_two_class_model_is_not_suspicious_for_being_binary():
+    model = mlp(k=2)
+    x, y = data(model, n=32)
+    r = evaluate(model, (x, y), eps=0.05, version="fast", check_samples=32, spsa_steps=5, spsa_samples=16,
+                 progress=False)
+    assert r["checks"]["n_classes"]["status"] == "pass" and "adapted" in r["checks"]["n_classes"]["detail"]

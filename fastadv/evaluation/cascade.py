@@ -16,6 +16,7 @@ uninterrupted single-process run draws for the same batch.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -96,7 +97,8 @@ def _hash_model(h, model) -> None:
 def fingerprint(model, settings: dict) -> str:
     """sha256 (16 hex) of the model's weights and every setting that changes the result."""
     h = hashlib.sha256()
-    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    # sort_keys would sort the attacks dict too; the cascade order changes the per-attack counts
+    h.update(json.dumps([settings, list(settings.get("attacks", {}))], sort_keys=True, default=str).encode())
     _hash_model(h, model)
     return h.hexdigest()[:16]
 
@@ -130,28 +132,63 @@ def attack_seed(seed: int, batch_index: int, attack_index: int) -> int:
 
 
 def _set_generator(atk, gseed: int, device) -> None:
-    """Give a named attack (and the attacks inside it) its own generator, seeded for this batch."""
+    """Give an attack its own generator, seeded for this batch."""
     if hasattr(atk, "generator"):
         g = torch.Generator(device=device)
         g.manual_seed(gseed)
         atk.generator = g
 
 
+@contextlib.contextmanager
+def seeded(gseed: int, device, atk=None):
+    """Run with the global RNG of the CPU and of ``device`` seeded to ``gseed`` and ``atk.generator`` (if the
+    attack has one) replaced by a fresh generator seeded to ``gseed``; everything is put back afterwards.
+
+    ``torch.manual_seed`` would also reseed every other CUDA device (or queue a seed for a CUDA not yet
+    initialised), which ``fork_rng`` does not restore: only the two generators used here are touched.
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        torch.default_generator.manual_seed(gseed)
+        if cuda:
+            torch.cuda.default_generators[device.index if device.index is not None
+                                          else torch.cuda.current_device()].manual_seed(gseed)
+        had = atk is not None and hasattr(atk, "generator")
+        old = atk.generator if had else None
+        if had:
+            _set_generator(atk, gseed, device)
+        try:
+            yield
+        finally:
+            if had:
+                atk.generator = old
+
+
 @torch.no_grad()
 def _predict(guard, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    return torch.cat([guard.logits(c).argmax(1) for c in x.split(chunk)]) if x.shape[0] else \
-        torch.zeros(0, dtype=torch.long, device=x.device)
+    """argmax of the logits; -1 where they are not finite (an output the model cannot score is no
+    evidence of robustness: it never counts as the true class)."""
+    if not x.shape[0]:
+        return torch.zeros(0, dtype=torch.long, device=x.device)
+    out = []
+    for c in x.split(chunk):
+        z = guard.logits(c)
+        out.append(torch.where(torch.isfinite(z).all(1), z.argmax(1), torch.full_like(z[:, 0], -1).long()))
+    return torch.cat(out)
 
 
 def run_batch(guard, named: list, xb: torch.Tensor, yb: torch.Tensor, *, batch_index: int, eps: float, norm: str,
-              seed: int, cascade: bool, own_generators: set) -> dict:
+              seed: int, cascade: bool) -> dict:
     """The cascade on one batch; returns its JSON record.
 
     Record: n, labels, correct, robust (lists per sample), and per attack:
     fooled (list), ran_on, invalid (returned points outside the threat
-    model), time_s. ``named``: [(name, Attack)]; attacks whose name is in
-    ``own_generators`` get a fresh generator per batch (the ones evaluate
-    built); user instances run inside the forked, seeded global RNG.
+    model), nonfinite (returned points where the model's logits are NaN or
+    inf: counted as fooled), time_s. ``named``: [(name, Attack)]; every
+    attack runs under :func:`seeded` (its generator, if it has one, replaced
+    for the batch and restored afterwards), so a batch draws the same numbers
+    whichever rank runs it and whether or not the run was resumed.
     """
     device = xb.device
     with guard.model_context(), torch.no_grad():
@@ -162,18 +199,13 @@ def run_batch(guard, named: list, xb: torch.Tensor, yb: torch.Tensor, *, batch_i
     correct = logits.argmax(1) == yb
     robust = correct.clone()
     rec = {"n": int(xb.shape[0]), "labels": yb.tolist(), "correct": correct.tolist(), "attacks": {}}
-    fork_devices = [device] if device.type == "cuda" else []
     for ai, (nm, atk) in enumerate(named):
         pool = robust if cascade else correct
         idx = pool.nonzero().squeeze(1)
         fooled = torch.zeros_like(correct)
-        invalid, dt = 0, 0.0
+        invalid, nonfinite, dt = 0, 0, 0.0
         if idx.numel():
-            gseed = attack_seed(seed, batch_index, ai)
-            with torch.random.fork_rng(devices=fork_devices):
-                torch.manual_seed(gseed)
-                if nm in own_generators:
-                    _set_generator(atk, gseed, device)
+            with seeded(attack_seed(seed, batch_index, ai), device, atk):
                 t0 = time.perf_counter()
                 xin = xb[idx]
                 adv = atk(xin, yb[idx])
@@ -189,10 +221,11 @@ def run_batch(guard, named: list, xb: torch.Tensor, yb: torch.Tensor, *, batch_i
             invalid = int((~ok).sum())
             with guard.model_context():
                 pred = _predict(guard, adv)
+            nonfinite = int(((pred < 0) & ok).sum())
             fooled[idx] = (pred != yb[idx]) & ok
         robust &= ~fooled
         rec["attacks"][nm] = {"fooled": fooled.tolist(), "ran_on": int(idx.numel()), "time_s": dt,
-                              "invalid": invalid}
+                              "invalid": invalid, "nonfinite": nonfinite}
     rec["robust"] = robust.tolist()
     return rec
 
@@ -224,8 +257,15 @@ class ResumeState:
                 saved["batches"] = {str(i): b for i, b in enumerate(saved["batches"])}
             self.data = saved
 
-    def done(self, batch_index: int) -> bool:
-        return str(batch_index) in self.data["batches"]
+    def done(self, batch_index: int, labels: torch.Tensor | None = None) -> bool:
+        """Whether the batch is finished; with ``labels``, also that it was this data (else an error)."""
+        rec = self.data["batches"].get(str(batch_index))
+        if rec is None:
+            return False
+        if labels is not None and rec.get("labels") is not None and rec["labels"] != labels.tolist():
+            raise ValueError(f"state_path {self.path} holds batch {batch_index} of other data (its labels differ); "
+                             "delete it or pass another state_path")
+        return True
 
     def add(self, batch_index: int, rec: dict) -> None:
         self.data["batches"][str(batch_index)] = rec

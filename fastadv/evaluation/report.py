@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import pathlib
 import platform
+import shlex
 import sys
 from typing import Sequence
 
@@ -31,7 +32,8 @@ def summarize(records: list[dict], names: list[str], cascade: bool) -> dict:
             acc = (correct - fooled) / total if total else nan
         per[nm] = {"robust_accuracy": acc, "fooled": fooled, "ran_on": ran, "time_s": t,
                    "images_per_s": ran / t if t > 0 else None,
-                   "invalid": sum(r["attacks"][nm]["invalid"] for r in records)}
+                   "invalid": sum(r["attacks"][nm]["invalid"] for r in records),
+                   "nonfinite": sum(r["attacks"][nm].get("nonfinite", 0) for r in records)}
     classes: dict[int, list[int]] = {}
     for r in records:
         for lab, c, rb in zip(r.get("labels", []), r["correct"], r["robust"]):
@@ -87,7 +89,7 @@ def environment() -> dict:
     import fastadv
 
     return {"fastadv": fastadv.__version__, "torch": torch.__version__, "python": platform.python_version(),
-            "device": None, "command": " ".join(sys.argv)}
+            "device": None, "command": shlex.join(sys.argv)}
 
 
 def _pct(v) -> str:

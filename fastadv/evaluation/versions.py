@@ -21,7 +21,8 @@ Every APGD runs 100 iterations, rho 0.75; FAB 100 iterations, alpha_max 0.1,
 eta 1.05, beta 0.9; Square p_init 0.8. Differences from AutoAttack's code
 are listed in each attack's docstring. Two are version-level:
 
-* L1 'standard': AutoAttack's APGD uses ``use_largereps`` (a warm start at
+* L1 'standard': APGD-CE 5 restarts and APGD-T 5 targets (FAB-T keeps 9),
+  as AutoAttack. AutoAttack's APGD uses ``use_largereps`` (a warm start at
   larger radii); ours does not, and Square is not run (our Square is Linf and
   L2 only; AutoAttack added its L1 Square later). Both are noted in the report.
 * Models with fewer than 4 classes (AutoAttack only warns and then fails on
@@ -71,9 +72,11 @@ def make_attack(name: str, model, eps: float, norm: str = "linf", *, version: st
     """
     check_choice("attack", name, ATTACKS)
     l1 = norm == "l1"
+    # AutoAttack's set_version: APGD-T 5 targets for L1 standard, 9 otherwise; FAB-T always 9
     targets = 5 if (l1 and version == "standard") else 9
+    fab_targets = 9
     if n_classes is not None:
-        targets = min(targets, n_classes - 1)
+        targets, fab_targets = min(targets, n_classes - 1), min(fab_targets, n_classes - 1)
     restarts_apgd = 5 if (version == "plus" or (l1 and version == "standard")) else 1
     eot = 20 if version == "rand" else 1
     if name in ("apgd-ce", "apgd-dlr", "apgd-cw"):
@@ -90,7 +93,7 @@ def make_attack(name: str, model, eps: float, norm: str = "linf", *, version: st
 
         if name == "fab":
             return FAB(model, eps, norm=norm, steps=100, restarts=5 if version == "plus" else 1, **common)
-        return FAB(model, eps, norm=norm, steps=100, restarts=1, multi_targeted=True, n_target_classes=targets,
+        return FAB(model, eps, norm=norm, steps=100, restarts=1, multi_targeted=True, n_target_classes=fab_targets,
                    **common)
     if name == "square":
         if l1:
@@ -147,6 +150,11 @@ def adapt_to_classes(names: list[str], n_classes: int) -> tuple[list[str], list[
     return out, notes
 
 
+def adapted_for(name: str, n_classes: int) -> str:
+    """The name ``adapt_to_classes`` puts in place of ``name`` on a K-class model."""
+    return adapt_to_classes([name], n_classes)[0][0]
+
+
 def attack_settings(atk) -> dict:
     """The settings of an attack instance that change its result, JSON-friendly (for the resume fingerprint)."""
     out = {"class": f"{type(atk).__module__}.{type(atk).__qualname__}"}
@@ -166,7 +174,7 @@ def attack_settings(atk) -> dict:
     return out
 
 
-def check_instance(label: str, atk, eps: float, norm: str) -> None:
+def check_instance(label: str, atk, eps: float, norm: str, n_classes: int | None = None) -> None:
     """Refuse an attack instance that does not attack the evaluation's threat model.
 
     An instance whose ``eps`` or ``norm`` differs from the evaluation's would
@@ -194,3 +202,9 @@ def check_instance(label: str, atk, eps: float, norm: str) -> None:
         a_norm = "linf"
     if a_norm is not None and a_norm != norm:
         raise ValueError(f"attack {label!r} has norm={a_norm!r} but the evaluation's norm={norm!r}")
+    if n_classes is not None:
+        need = 4 if type(atk).__name__ == "APGDT" else 3 if getattr(atk, "loss", None) == "dlr" else 2
+        if n_classes < need:
+            raise ValueError(f"attack {label!r} needs >= {need} classes ({'targeted DLR' if need == 4 else 'DLR'} "
+                             f"loss) but the model has {n_classes}; pass the name instead (evaluate then swaps in "
+                             "an attack that runs) or use loss='cw'")
