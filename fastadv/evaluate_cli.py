@@ -156,10 +156,10 @@ def run(args) -> int:
     dist = D.setup(want)
     device = torch.device(f"cuda:{dist.local_rank}" if dist.distributed and want.startswith("cuda") else want)
     model.to(device)
-    curve = None
-    if args.curve:
-        curve = "auto" if args.curve == "auto" else [float(v) for v in args.curve.split(",")]
     try:
+        curve = None
+        if args.curve:
+            curve = "auto" if args.curve == "auto" else [float(v) for v in args.curve.split(",")]
         report = evaluate(model, (x, y), attacks=attacks, version=args.version, eps=args.eps, norm=args.norm,
                           batch_size=args.batch_size, n=args.n, device=device, cascade=not args.no_cascade,
                           curve=curve, checks=not args.no_checks, check_samples=args.check_samples,
