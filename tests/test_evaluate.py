@@ -82,7 +82,7 @@ def test_version_settings():
     ft = make_attack("fab-t", model, 0.1, "linf", version="standard", n_classes=10)
     assert (ft.steps, ft.n_target_classes, ft.restarts, ft.multi_targeted) == (100, 9, 1, True)
     sq = make_attack("square", model, 0.1, "linf", version="standard", n_classes=10)
-    assert (sq.queries, sq.p_init) == (5000, 0.8)
+    assert (sq.queries, sq.p_init, sq.rescale_schedule) == (5000, 0.8, False)  # AutoAttack: resc_schedule=False
     assert make_attack("apgd-ce", model, 0.1, "linf", version="plus").restarts == 5
     assert make_attack("fab", model, 0.1, "linf", version="plus").restarts == 5
     assert make_attack("apgd-dlr", model, 0.1, "linf", version="rand").eot_iter == 20

@@ -12,6 +12,9 @@ PGD, PGDL2         Linf / L2 / L1 PGD (Madry 2018), ce | cw | dlr
 EarlyStoppedPGD    friendly AT's early-stopped PGD (Zhang 2020)
 TRADESAttack       TRADES' KL maximization (Zhang 2019)
 APGD               Auto-PGD, CE / DLR, Linf / L2 / L1 (Croce & Hein 2020)
+APGDT              targeted APGD over the top non-true classes (AutoAttack's APGD-T)
+FAB                fast adaptive boundary, untargeted / multi-targeted (Croce & Hein 2020)
+Square             query-efficient black-box random search (Andriushchenko et al. 2020)
 SPSA               gradient-free (Uesato 2018)
 TransferAttack     crafted on source models (Tramer 2018)
 InvarianceAttack   nearest other-class reference (Tramer 2020)
@@ -23,11 +26,13 @@ from fastadv.attacks.fgsm import FGSM, RFGSM
 from fastadv.attacks.pgd import PGD, PGDL2
 from fastadv.attacks.early_stopped import EarlyStoppedPGD
 from fastadv.attacks.trades import TRADESAttack
-from fastadv.attacks.apgd import APGD
+from fastadv.attacks.apgd import APGD, APGDT
+from fastadv.attacks.fab import FAB
+from fastadv.attacks.square import Square
 from fastadv.attacks.spsa import SPSA
 from fastadv.attacks.transfer import Ensemble, TransferAttack
 from fastadv.attacks.invariance import InvarianceAttack
 from fastadv.attacks.wasserstein import WassersteinPGD
 
-__all__ = ["Attack", "FGSM", "RFGSM", "PGD", "PGDL2", "EarlyStoppedPGD", "TRADESAttack", "APGD", "SPSA",
+__all__ = ["Attack", "FGSM", "RFGSM", "PGD", "PGDL2", "EarlyStoppedPGD", "TRADESAttack", "APGD", "APGDT", "FAB", "Square", "SPSA",
            "TransferAttack", "Ensemble", "InvarianceAttack", "WassersteinPGD", "attack_loss", "dlr_loss", "is_fooled", "margin"]

@@ -100,7 +100,8 @@ def make_attack(name: str, model, eps: float, norm: str = "linf", *, version: st
             raise ValueError("attack 'square' is Linf/L2 only in fastadv; use norm 'linf' or 'l2'")
         from fastadv.attacks.square import Square
 
-        return Square(model, eps, norm=norm, queries=5000, p_init=0.8, restarts=1, **common)
+        # autoattack.py: SquareAttack(p_init=.8, n_queries=5000, n_restarts=1, resc_schedule=False)
+        return Square(model, eps, norm=norm, queries=5000, p_init=0.8, restarts=1, rescale_schedule=False, **common)
     from fastadv.attacks import FGSM, PGD, SPSA
 
     if name == "fgsm":
