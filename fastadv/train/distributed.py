@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistInfo", "setup", "cleanup", "info", "all_reduce_sum", "broadcast_flag", "barrier", "shard_indices",
-           "global_permutation"]
+           "global_permutation", "all_gather_object", "rank_seed"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +95,24 @@ def broadcast_flag(flag: bool, device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def all_gather_object(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank; [obj] on one process."""
+    if not _INFO.distributed:
+        return [obj]
+    out = [None] * _INFO.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s own RNG stream (random starts, noise): distinct per rank, rank 0 = seed.
+
+    With one shared seed every rank drew the same random starts and noise, so N ranks perturbed their
+    shards with N copies of one draw instead of N independent draws.
+    """
+    return int(seed) + 1_000_003 * int(rank)
 
 
 def barrier() -> None:

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastadv.train import distributed as D
-from fastadv.train.checkpoint import (CheckpointError, load_checkpoint, save_checkpoint, save_model_file, set_rng_state,
-                                      unwrap)
+from fastadv.train.checkpoint import (CheckpointError, load_checkpoint, rng_state, save_checkpoint, save_model_file,
+                                      set_rng_state, unwrap)
 from fastadv.train.methods import BindContext, Method
 
 __all__ = ["TrainConfig", "Trainer", "evaluate_accuracy", "make_scheduler", "TensorData", "DatasetData",
@@ -314,7 +314,9 @@ class Trainer:
             raise ValueError("train data is empty")
         self.heldout = heldout
         self.callbacks = list(callbacks or [])
-        torch.manual_seed(self.cfg.seed)
+        # per-rank stream: random starts and noise are independent across ranks (the model's initial weights
+        # come from rank 0: DDP broadcasts them)
+        torch.manual_seed(D.rank_seed(self.cfg.seed, self.dist.rank))
 
         net = model.to(device)
         if self.cfg.channels_last:
@@ -370,10 +372,12 @@ class Trainer:
         path = self.checkpoint_path()
         if path is None:
             return None
+        ranks_rng = D.all_gather_object(rng_state())  # every rank's stream, so a resume continues each
         if self.is_main:
             save_checkpoint(path, model=self.net, optimizer=self.optimizer, scheduler=self.scheduler,
                             scaler=self.scaler, method_state=self.method.state_dict(), epoch=self.epoch,
-                            step=self.step, batch_in_epoch=self.batch_in_epoch, config=self.config_dict())
+                            step=self.step, batch_in_epoch=self.batch_in_epoch, config=self.config_dict(),
+                            extra={"rng_ranks": ranks_rng})
         D.barrier()
         self.last_checkpoint = path
         return path
@@ -381,6 +385,12 @@ class Trainer:
     def load(self, path) -> None:
         ckpt = load_checkpoint(path, map_location=self.device)
         old = ckpt.get("config", {})
+        ranks_rng = (ckpt.get("extra") or {}).get("rng_ranks")
+        written = len(ranks_rng) if ranks_rng else old.get("world_size", 1)
+        if written != self.dist.world_size:
+            raise CheckpointError(f"{path}: written by {written} rank(s), this run has {self.dist.world_size}: each "
+                                  "rank's random stream and data shard are in the checkpoint, so resume with the same "
+                                  "number of ranks")
         for key in ("batch_size", "epochs", "method"):
             mine = self.config_dict().get(key)
             if key in old and old[key] != mine:
@@ -397,7 +407,7 @@ class Trainer:
         if ckpt.get("scaler") is not None:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.method.load_state_dict(ckpt.get("method", {}))
-        set_rng_state(ckpt["rng"])
+        set_rng_state(ranks_rng[self.dist.rank] if ranks_rng else ckpt["rng"])
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
         self.batch_in_epoch = int(ckpt.get("batch_in_epoch", 0))
         self.history = [r for r in self._read_history() if r.get("epoch", -1) < self.epoch]
