@@ -79,7 +79,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--fat-trades", action="store_true", help="FAT for TRADES")
     m.add_argument("--replays", type=int, help="free: minibatch replays m (default 8)")
     m.add_argument("--static-models", help="ensemble: comma-separated checkpoints of static models (same --model)")
-    m.add_argument("--mix-alpha", type=float, help="iat: Beta(a, a) mixup parameter (default 1)")
+    m.add_argument("--mix-alpha", type=float, help="iat: Beta(a, a) mixup parameter (default 1 input, 2 manifold)")
+    m.add_argument("--mixup", choices=("input", "manifold"), help="iat: input mixup (default) or manifold mixup")
+    m.add_argument("--mix-layers", help="iat --mixup manifold: comma-separated module names to mix at "
+                                        "('input' = the images; default input,layer1,layer2)")
+    m.add_argument("--ensemble-attack", choices=("step-ll", "fgsm", "rfgsm"),
+                   help="ensemble: single-step attack (default step-ll, the paper's ImageNet runs)")
+    m.add_argument("--ensemble-source", choices=("random", "cycle"),
+                   help="ensemble: pick the source model per batch at random (default, the authors' code) or in turn")
+    m.add_argument("--early-stop", action="store_true",
+                   help="fast: stop when PGD accuracy on the epoch's first batch collapses (catastrophic "
+                        "overfitting) and keep the previous epoch's weights (Wong et al. 2020)")
     m.add_argument("--triplet-weight", type=float)
     m.add_argument("--invariance-weight", type=float, help="metric: weight of the invariance term (0: off)")
     m.add_argument("--ot-weight", type=float, help="metric: weight of the Sinkhorn OT regularizer (0: off)")
@@ -187,6 +197,12 @@ def build_method(args, d, model_builder):
         cand["steps"] = None
     if args.method == "fat":
         cand["trades"] = args.fat_trades
+    if args.method == "iat":
+        cand["mixup"] = args.mixup
+        if args.mix_layers:
+            cand["mix_layers"] = tuple(s for s in args.mix_layers.split(",") if s)
+    if args.method == "ensemble":
+        cand["attack"], cand["source"] = args.ensemble_attack, args.ensemble_source
     if args.method == "wasserstein":
         cand["eps"] = args.eps  # the method's own default (0.1), not the L-inf one
         cand["alpha"] = args.alpha
@@ -240,12 +256,13 @@ def run(args) -> int:
         amp = None
     schedule = args.schedule or getattr(method, "default_schedule", None) or d["schedule"]
     lr = _pick(args, "lr", d)
-    if args.method == "fast" and args.lr is None and d["optimizer"] == "sgd":
-        lr = 0.2  # Wong et al.'s lr_max for the cyclic schedule
+    optimizer = _pick(args, "optimizer", d)
+    if args.lr is None and args.schedule is None and optimizer in method.default_lr:
+        lr = method.default_lr[optimizer]  # the method's own peak lr (Fast-AT: 0.2 with SGD, Wong et al.)
     eval_samples = _pick(args, "eval_samples", d)
     cfg = TrainConfig(
         epochs=_pick(args, "epochs", d), batch_size=_pick(args, "batch_size", d),
-        optimizer=_pick(args, "optimizer", d), lr=lr, weight_decay=_pick(args, "weight_decay", d),
+        optimizer=optimizer, lr=lr, weight_decay=_pick(args, "weight_decay", d),
         schedule=schedule, amp=amp, channels_last=args.channels_last, compile=args.compile,
         eval_eps=_pick(args, "eval_eps", d), eval_alpha=d["eval_alpha"] if args.eval_eps is None else None,
         eval_steps=_pick(args, "eval_steps", d), eval_samples=None if eval_samples == 0 else eval_samples,
@@ -256,7 +273,14 @@ def run(args) -> int:
                     "normalize": d["normalize"] if model_name != "mnist_cnn" else None, "dataset": args.dataset,
                     "input_shape": list(shape), "eps": cfg_eval_eps(args, d)})
     t0 = time.perf_counter()
-    trainer = Trainer(net, method, train, held, cfg)
+    callbacks = []
+    if args.early_stop:
+        if args.method != "fast":
+            raise SystemExit("fastadv train: --early-stop is Fast-AT's guard (--method fast)")
+        from fastadv.train.methods import FastATEarlyStop
+
+        callbacks.append(FastATEarlyStop())
+    trainer = Trainer(net, method, train, held, cfg, callbacks=callbacks)
     if trainer.is_main:
         print(f"fastadv train: {method.name} on {args.dataset} ({len(trainer.train_data)} training images), "
               f"model {model_name}{f' (width {width:g})' if width is not None else ''}, {cfg.epochs} epoch(s), batch {cfg.batch_size}, device {trainer.device}, "

@@ -1,0 +1,175 @@
+"""The method protocol: ``Method``, ``StepOutput``, ``BindContext``, and standard training.
+
+A method turns a clean batch (x in [0, 1], y) into the scalar training loss.
+Its inner maximization (the attack) runs on the attack suite
+(``fastadv.attacks``) against the *unwrapped* network, so DDP only sees the
+forwards and the backward that train; parameter gradients are never touched
+by an attack (it differentiates with respect to the input only).
+
+The protocol (see :class:`Method`):
+
+* ``bind(ctx)``: receive the network, the DDP/compiled model, the device and
+  the precision once, before training;
+* ``on_epoch(epoch, epochs)``: epoch-dependent settings (FAT's tau, the
+  Wasserstein radius); ``on_step(step, total_steps)`` before each batch;
+* ``loss(x, y) -> StepOutput(loss, logits, y)``: the training loss; the
+  loop backpropagates it and steps the optimizer; ``logits``/``y`` give the
+  accuracy shown on the progress bar;
+* ``replays``: how many optimizer steps a batch gets (Free-AT's m), with
+  ``after_backward()`` called after each backward;
+* ``state_dict()``/``load_state_dict()``: what a resume needs;
+* ``default_schedule`` / ``default_lr``: the learning-rate recipe of the
+  method's paper where it is part of the method (Fast-AT's cyclic schedule);
+  :func:`train_config` and ``fastadv train`` apply it.
+
+Forward passes follow the authors' code: where the reference runs clean and
+adversarial images through separate forwards (TRADES, FAT, IAT), so do we.
+With batch norm in train mode one concatenated forward would normalize both
+with the statistics of the mixed batch and take one running-average update
+instead of two; tests/test_train_methods.py checks the running statistics
+against plain ports of the reference loops.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclasses.dataclass
+class StepOutput:
+    loss: torch.Tensor  # scalar, differentiable
+    logits: torch.Tensor  # (B', K) logits the accuracy is measured on
+    y: torch.Tensor  # (B',) labels for those logits
+
+
+@dataclasses.dataclass
+class BindContext:
+    """What the loop hands a method before training.
+
+    net: the plain nn.Module (attacks run on it, or on its compiled twin);
+    model: what the training forward calls (DDP- and/or compile-wrapped net);
+    attack_net: what attacks call (net, or torch.compile(net) with --compile);
+    amp: None | 'bf16' | 'fp16'; device; epochs; steps_per_epoch.
+    """
+
+    net: nn.Module
+    model: nn.Module
+    attack_net: nn.Module
+    device: torch.device
+    amp: str | None = None
+    epochs: int = 1
+    steps_per_epoch: int = 1
+
+
+def _check_pos(name, v, allow_zero=True):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a number {'>=' if allow_zero else '>'} 0, got {v!r}")
+    return float(v)
+
+
+def _check_int(name, v, minimum):
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+    return v
+
+
+def _check_choice(name, v, choices):
+    if v not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {v!r}")
+    return v
+
+
+def tracks_running_stats(net: nn.Module) -> bool:
+    """True when a forward of ``net`` updates batch-norm running averages (a BN layer in train mode)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+               for m in net.modules())
+
+
+class Method:
+    """Base class: standard training, CE(f(x), y). Subclasses override ``loss``."""
+
+    name = "standard"
+    replays = 1
+    #: batch-norm mode during the inner maximization: 'train' (batch statistics,
+    #: as Madry's and Wong's reference code) or 'eval' (TRADES' and FAT's reference code)
+    attack_mode = "train"
+    #: the learning-rate schedule that is part of the method (None: the caller's)
+    default_schedule: str | None = None
+    #: peak learning rate per optimizer for ``default_schedule`` ({} : the caller's)
+    default_lr: dict = {}
+
+    def __init__(self):
+        self.ctx: BindContext | None = None
+        self.epoch, self.epochs = 0, 1
+
+    def bind(self, ctx: BindContext) -> "Method":
+        self.ctx = ctx
+        return self
+
+    def on_epoch(self, epoch: int, epochs: int) -> None:
+        self.epoch, self.epochs = int(epoch), int(epochs)
+
+    def on_step(self, step: int, total_steps: int) -> None:
+        """Called before each batch with the optimizer steps taken so far and the run's total."""
+        self.step, self.total_steps = int(step), int(total_steps)
+
+    def ramp(self, eps: float, warmup: float) -> float:
+        """eps scaled linearly from 0 over the first ``warmup`` fraction of the steps
+        (a warm-up that keeps large-eps MNIST training from collapsing to chance early on)."""
+        if warmup <= 0:
+            return eps
+        done = (getattr(self, "step", 0) + 1) / max(1.0, warmup * getattr(self, "total_steps", 1))
+        return eps * min(1.0, done)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The training forward (through DDP); float32 logits."""
+        return self.ctx.model(x).float()
+
+    def attack_kwargs(self, mode: str | None = None) -> dict:
+        return {"model_mode": mode or self.attack_mode, "autocast": self.ctx.amp}
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        logits = self.forward(x)
+        return StepOutput(F.cross_entropy(logits, y), logits, y)
+
+    def after_backward(self) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def describe(self) -> dict:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k not in ("ctx",)
+                and isinstance(v, (int, float, str, bool, type(None), list, tuple))}
+
+
+Standard = Method
+
+
+def train_config(method: Method, **overrides):
+    """A ``TrainConfig`` carrying the method's own learning-rate recipe under the caller's settings.
+
+    ``method.default_schedule`` and ``method.default_lr[optimizer]`` fill
+    ``schedule`` and ``lr`` unless given in ``overrides``; everything else is
+    ``TrainConfig``'s default or the override. Example (Wong et al.'s cyclic
+    lr, peak 0.2 with SGD)::
+
+        cfg = train_config(FastAT(), epochs=15, batch_size=128)
+        Trainer(net, method, train, held, cfg).fit()
+    """
+    from fastadv.train.trainer import TrainConfig
+
+    kw = dict(overrides)
+    if method.default_schedule is not None:
+        kw.setdefault("schedule", method.default_schedule)
+    lr = method.default_lr.get(kw.get("optimizer", TrainConfig.optimizer))
+    if lr is not None:
+        kw.setdefault("lr", lr)
+    return TrainConfig(**kw)
