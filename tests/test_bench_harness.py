@@ -175,3 +175,20 @@ def test_missing_target_is_reported(capsys):
     args = argparse.Namespace(target="no_such_target", _load_error=None)
     assert bench_cli.run(args) == 2
     assert "not available" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_eval_quick_runs(tmp_path, capsys):
+    # A smoke test of `fastadv bench eval` (the measurement itself is a report, never a pass/fail test):
+    # ours and torchattacks' AutoAttack-at-100-iterations on the same model and images, per-attack rows.
+    pytest.importorskip("torchattacks")
+    from fastadv.cli import main
+
+    rc = main(["bench", "eval", "--quick", "--n", "16", "--skip-torchattacks-default", "--out", str(tmp_path)])
+    assert rc == 0
+    (path,) = tmp_path.glob("eval-*.json")
+    payload = json.loads(path.read_text())
+    variants = [r["variant"] for r in payload["rows"]]
+    assert variants[:2] == ["fastadv standard", "torchattacks-100"]
+    assert "  square: torchattacks" in variants and payload["environment"]["git_commit"]
+    assert all(len(r["times_s"]) == r["repeats"] for r in payload["rows"][:2])
