@@ -110,7 +110,7 @@ ext_modules, cmdclass = _extensions()
 setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
-    package_data={"fastadv": ["data/embedded/*"]},
+    package_data={"fastadv": ["data/embedded/*", "gpu_verified.json"]},
     include_package_data=False,
     ext_modules=ext_modules,
     cmdclass=cmdclass,

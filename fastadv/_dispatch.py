@@ -5,7 +5,8 @@ signature (the op's schema in ``csrc/fastadv.cpp``). Each backend answers
 ``not_supported_reasons(op, tensors)``; an empty list means it can run.
 
 * Automatic choice takes the first backend with no reasons, in the op's
-  preference order for the device (CUDA: triton, cuda, ref by default; CPU:
+  preference order for the device (CUDA: triton, cuda, ref by default, each only once it has passed the
+  GPU validation, see ``gpu_verified``; CPU:
   cpp, ref), so a missing extension falls back quietly.
 * A forced backend, from ``FASTADV_BACKEND`` or ``with fastadv.use_backend(...)``,
   that cannot run raises ``BackendUnavailable`` listing every reason.
@@ -172,6 +173,40 @@ def choose(op: str, tensors: Iterable[torch.Tensor]) -> str:
     return _choose(op, device_type, dtype)
 
 
+# A backend that has never passed on a real GPU is never the automatic choice there. The record of what
+# passed is fastadv/gpu_verified.json, written by `fastadv doctor --gpu` (scripts/gpu_validate.sh) on a GPU
+# machine and committed: {"backends": {"triton": {"ops": [...], "device": ..., "commit": ..., "date": ...}}}.
+# Until a backend's op is listed there, CUDA tensors run the reference (or a backend forced with
+# FASTADV_BACKEND / use_backend, which is the caller's choice). FASTADV_GPU_UNVERIFIED=1 lifts the gate (the
+# validation script itself, and users who have run it on their own machine).
+_VERIFIED: dict | None = None
+
+
+def gpu_verified() -> dict:
+    """{backend: set of ops that passed the GPU validation}, from fastadv/gpu_verified.json."""
+    global _VERIFIED
+    if _VERIFIED is None:
+        import json
+        import pathlib
+
+        f = pathlib.Path(__file__).with_name("gpu_verified.json")
+        try:
+            data = json.loads(f.read_text()).get("backends", {})
+        except (OSError, ValueError):
+            data = {}
+        _VERIFIED = {b: set(v.get("ops", [])) for b, v in data.items() if isinstance(v, dict)}
+    return _VERIFIED
+
+
+def _gpu_gate(op: str, backend: str, device_type: str) -> bool:
+    """True if ``backend`` may be the automatic choice for ``op`` on ``device_type``."""
+    if device_type != "cuda" or backend not in ("triton", "cuda"):
+        return True
+    if os.environ.get("FASTADV_GPU_UNVERIFIED") == "1":
+        return True
+    return op in gpu_verified().get(backend, set())
+
+
 def _choose(op: str, device_type: str, dtype: torch.dtype) -> str:
     forced = forced_backend()
     if forced is not None and forced != "auto":
@@ -183,7 +218,7 @@ def _choose(op: str, device_type: str, dtype: torch.dtype) -> str:
         return forced
     order = _ORDER.get(op, {}).get(device_type) or _DEFAULT_ORDER.get(device_type, ("ref",))
     for backend in order:
-        if not _reasons(op, backend, device_type, dtype):
+        if _gpu_gate(op, backend, device_type) and not _reasons(op, backend, device_type, dtype):
             return backend
     return "ref"
 
@@ -224,6 +259,13 @@ def backends() -> dict[str, dict]:
         out["cuda"]["notes"].append("extension built without CUDA sources")
     if not cuda_ok:
         out["cuda"]["notes"].append("no CUDA device")
+    verified = gpu_verified()
+    for b in ("triton", "cuda"):
+        if verified.get(b):
+            out[b]["notes"].append(f"verified on GPU for: {', '.join(sorted(verified[b]))}")
+        else:
+            out[b]["notes"].append("unverified on GPU: never the automatic choice on CUDA tensors until "
+                                   "`fastadv doctor --gpu` has passed and fastadv/gpu_verified.json records it")
     if not ok:
         out["triton"]["notes"].append(why)
     elif not cuda_ok:

@@ -27,7 +27,12 @@ import fastadv
 from fastadv import _dispatch, ops
 from fastadv.reference import lp as ref
 
-BACKENDS = ["ref", "cpp", "triton"]
+# FASTADV_TEST_DEVICE=cuda (set by `fastadv doctor --gpu`) runs the same tests on the GPU: the tensors of
+# make() live there and the compiled backends are the CUDA C++ and natively compiled Triton kernels.
+DEVICE = os.environ.get("FASTADV_TEST_DEVICE", "cpu")
+if DEVICE != "cpu" and not torch.cuda.is_available():
+    raise RuntimeError(f"FASTADV_TEST_DEVICE={DEVICE} but no CUDA device is available")
+BACKENDS = ["ref", "cpp", "triton"] if DEVICE == "cpu" else ["ref", "cuda", "triton"]
 STEP_OPS = ["linf_step", "l2_step", "l1_step"]
 PROJ_OPS = ["project_linf", "project_l2", "project_l1"]
 SHAPES = [(1, 1, 1, 1), (3, 5, 7, 11), (2, 385), (4, 3, 8, 8)]
@@ -48,7 +53,7 @@ def make(shape, dtype=torch.float32, layout="contiguous", seed=0):
     x0 = torch.rand(shape, generator=g, dtype=torch.float64)
     x = (x0 + 0.1 * (2 * torch.rand(shape, generator=g, dtype=torch.float64) - 1)).clamp(0, 1)
     grad = torch.randn(shape, generator=g, dtype=torch.float64)
-    out = [t.to(dtype) for t in (x, x0, grad)]
+    out = [t.to(dtype=dtype, device=DEVICE) for t in (x, x0, grad)]
     if layout == "channels_last":
         out = [t.contiguous(memory_format=torch.channels_last) for t in out]
     elif layout == "strided":  # every other element of a wider tensor
@@ -77,7 +82,7 @@ def assert_step_close(op, got, want):
 
 def _fast_shapes(backend):
     # Interpreted Triton is slow: two small shapes cover the one-block path.
-    return SHAPES if backend != "triton" else [(1, 1, 1, 1), (3, 5, 7, 11)]
+    return SHAPES if backend != "triton" or DEVICE != "cpu" else [(1, 1, 1, 1), (3, 5, 7, 11)]
 
 
 # ------------------------------------------------------------------ steps
@@ -113,8 +118,8 @@ def test_step_layouts(backend, op, layout):
 @pytest.mark.parametrize("op", STEP_OPS)
 def test_step_per_sample_eps_alpha(backend, op):
     x, x0, grad = make((4, 2, 5, 3))
-    alpha = torch.tensor([0.01, 0.2, 0.0, 0.5])
-    eps = torch.tensor([0.0, 0.05, 0.3, 3.0])
+    alpha = torch.tensor([0.01, 0.2, 0.0, 0.5], device=DEVICE)
+    eps = torch.tensor([0.0, 0.05, 0.3, 3.0], device=DEVICE)
     with use(backend, op, x):
         got = step(op, x, x0, grad, alpha, eps)
     want = ref_step(op, x, x0, grad, alpha, eps)
