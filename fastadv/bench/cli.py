@@ -131,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
               "tree: commit first, or pass --no-save (print only) or --allow-dirty (the JSON is marked dirty)",
               file=sys.stderr)
         return 2
+    env_before = harness.environment(args.device)  # the stamp of the tree and machine the run started on
     payload = mod.run(args)
     if not isinstance(payload, dict) or "rows" not in payload:
         print(f"fastadv bench {target}: run(args) must return a dict with 'rows'", file=sys.stderr)
@@ -139,7 +140,12 @@ def run(args: argparse.Namespace) -> int:
     payload.setdefault("device", args.device)
     payload.setdefault("quick", bool(args.quick))
     if "environment" not in payload:
-        payload["environment"] = harness.environment(args.device)
+        payload["environment"] = env_before
+        after = harness.environment(args.device)
+        payload["environment"]["loadavg_after"] = after.get("loadavg")
+        if after.get("git_commit") != env_before.get("git_commit"):
+            payload.setdefault("notes", []).append(f"the tree changed during the run ({env_before.get('git_commit')} "
+                                                   f"-> {after.get('git_commit')})")
     env = payload["environment"]
     print(
         f"# fastadv bench {target}: {env['device_name']}, torch {env['torch']}, "
