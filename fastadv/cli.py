@@ -1,4 +1,4 @@
-"""The ``fastadv`` command line: ``fastadv {bench,eval,train,info} ...``.
+"""The ``fastadv`` command line: ``fastadv {bench,eval,train,doctor,info} ...``.
 
 Each subcommand lives in its own module and is imported only when used, so
 ``fastadv info`` stays fast and never needs optional dependencies.
@@ -12,9 +12,10 @@ import sys
 
 # subcommand -> (module, help). Each module defines add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS = {
-    "bench": ("fastadv.bench.cli", "benchmarks: ops | sinkhorn | attacks | train"),
+    "bench": ("fastadv.bench.cli", "benchmarks: ops | sinkhorn | attacks | train | eval"),
     "eval": ("fastadv.evaluate_cli", "robustness evaluation of a model checkpoint"),
     "train": ("fastadv.train.cli", "robust training (default: PGD-AT on the embedded MNIST)"),
+    "doctor": ("fastadv.doctor", "checks of this install: --gpu runs the whole GPU validation in one call"),
 }
 
 
