@@ -148,7 +148,7 @@ def test_apgdt_target_order_and_class_clamp():
     with torch.no_grad():
         z = model(x)
     y = z.argmax(1)
-    atk = APGDT(model, 0.0, 5, n_target_classes=9)  # eps 0: nothing is ever fooled -> every target runs
+    atk = APGDT(model, 0.0, 5, n_target_classes=9, batch_targets=False)  # eps 0: nothing fooled, every target runs
     seen = []
     run = atk._single_run
 
@@ -163,6 +163,13 @@ def test_apgdt_target_order_and_class_clamp():
     order = z.argsort(1, descending=True)
     for j, t in enumerate(seen):
         assert torch.equal(t, order[:, j + 1])
+    # batched: one run over the 4 targets, rows target-major in the same order
+    seen.clear()
+    atk = APGDT(model, 0.0, 5, n_target_classes=9, batch_targets=True)
+    run = atk._single_run
+    atk._single_run = spy
+    assert torch.equal(atk(x, y), x)
+    assert len(seen) == 1 and torch.equal(seen[0], order[:, 1:5].T.reshape(-1))
 
 
 def test_apgdt_validation():
@@ -253,8 +260,13 @@ def test_eot_averages_over_the_model_randomness(setup):
     APGD(noisy, 0.08, 10, eot_iter=3, early_stop=False, generator=torch.Generator().manual_seed(0))(x, y)
     assert noisy.calls == 11 * 3
     noisy = NoisyModel(net, 0.0)
-    APGDT(noisy, 0.0, 10, n_target_classes=2, eot_iter=2, generator=torch.Generator().manual_seed(0))(x, y)
+    APGDT(noisy, 0.0, 10, n_target_classes=2, eot_iter=2, batch_targets=False,
+          generator=torch.Generator().manual_seed(0))(x, y)
     assert noisy.calls == 1 + 2 * 11 * 2  # clean forward + 2 targets x 11 iterates x 2 draws
+    noisy = NoisyModel(net, 0.0)
+    APGDT(noisy, 0.0, 10, n_target_classes=2, eot_iter=2, batch_targets=True,
+          generator=torch.Generator().manual_seed(0))(x, y)
+    assert noisy.calls == 1 + 11 * 2  # batched: both targets in one forward per draw
 
 
 def test_eot_reduces_gradient_noise(setup):

@@ -296,3 +296,15 @@ def test_bad_arguments_name_themselves():
         wrong = (model(x).argmax(1) + 1) % 10
     assert torch.equal(FAB(model, 0.3, steps=5)(x, wrong), x)
     assert FAB(model, 0.3, steps=5)(x[:0], wrong[:0]).shape == (0, 1, 8, 8)
+
+
+def test_batched_targets_equal_the_sequential_order():
+    # restarts=1 draws nothing random, so all targets in one replicated batch must give the same points
+    from fastadv.attacks.fab import FAB
+    from parity_model import heldout_correct, trained_mnist_mlp
+
+    model = trained_mnist_mlp()
+    x, y = heldout_correct(model, 40)
+    seq = FAB(model, 0.08, multi_targeted=True, steps=20, batch_targets=False)(x, y)
+    bat = FAB(model, 0.08, multi_targeted=True, steps=20, batch_targets=True, max_rows=100)(x, y)  # 3 groups
+    assert torch.equal(seq, bat)

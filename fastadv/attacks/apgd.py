@@ -293,7 +293,7 @@ class APGDT(APGD):
         restarts: runs per target (default 1, AutoAttack's).
         batch_targets: run the targets of a restart as one batch of B x n_target_classes rows (at most
             ``max_rows`` rows a batch; more targets are split into groups): True, False, or 'auto'
-            (default: on CUDA, where a small batch leaves the device idle). Each row stops on its own,
+            (default, = True: 1.2-1.3x faster on a 2-core CPU, more on a GPU). Each row stops on its own,
             so a sample counts as fooled iff some target fools it, as in the sequential order; the
             difference is which random starts are drawn (the same law), and samples fooled by an early
             target still run the later ones in their group (extra work only on the few samples APGD-CE
@@ -346,7 +346,9 @@ class APGDT(APGD):
         todo = logits.argmax(1) == y  # misclassified samples are already adversarial
         adv = x.clone()
         best = torch.full((b,), -float("inf"), device=x.device)
-        batched = self.batch_targets is True or (self.batch_targets == "auto" and x.is_cuda)
+        # 'auto' batches everywhere: 1.2-1.3x faster on the 2-core CPU too (34 samples, 9 targets: 7.7 s
+        # against 9.7 s sequential, the same robust accuracy), and far more on a GPU
+        batched = self.batch_targets in (True, "auto")
         if batched:
             return self._perturb_batched(x, y, eps, order, todo, adv, best, n_targets)
         for j in range(2, n_targets + 2):
