@@ -417,10 +417,15 @@ def test_other_methods_give_a_finite_differentiable_loss(name, batch):
     net = _net()
     method = _bind({"standard": lambda: M.Standard(),
                     "metric": lambda: M.MetricAT(eps=0.1, alpha=0.03, steps=2),
+                    # the default invariance radius and bank (tests/test_metric_invariance.py checks the examples)
                     "metric-inv-ot": lambda: M.MetricAT(eps=0.1, alpha=0.03, steps=2, invariance_weight=0.5,
-                                                        inv_eps=1.0, ot_weight=0.5, ot_iters=20)}[name](), net)
+                                                        ot_weight=0.5,
+                                                        invariance_ref=embedded_mnist("train"))}[name](), net)
     out = method.loss(x, y)
     assert out.loss.dim() == 0 and torch.isfinite(out.loss) and out.logits.shape == (out.y.shape[0], 10)
+    if name == "metric-inv-ot":
+        assert method.bank[0].shape[0] > x.shape[0] and method.last_invariance["x_inv"].shape[0] > 0
+        assert all(v > 0 for v in method.last_terms.values()) and len(method.last_terms) == 6
     out.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in net.parameters())
 
