@@ -367,33 +367,22 @@ class APGDT(APGD):
     def _perturb_batched(self, x, y, eps, order, todo, adv, best, n_targets):
         """The targets of each restart as one replicated batch (rows target-major), in groups of <= max_rows."""
         js = list(range(2, n_targets + 2))
-        for _ in range(self.restarts):
-            idx = todo.nonzero().squeeze(1)
-            m = idx.numel()
-            if m == 0:
-                return adv
-            per_group = max(1, self.max_rows // m)
-            for g0 in range(0, len(js), per_group):
-                idx = todo.nonzero().squeeze(1)
-                m = idx.numel()
-                if m == 0:
-                    return adv
-                group = js[g0:g0 + per_group]
-                rep = len(group)
-                xs = x[idx].repeat((rep,) + (1,) * (x.dim() - 1))
-                target = torch.cat([order[idx, -j] for j in group])
-                xa, fooled, lb = self._single_run(xs, y[idx].repeat(rep), eps[idx].repeat(rep), self._targeted_dlr,
-                                                  {"target": target})
-                fooled = fooled.reshape(rep, m)
-                lb = lb.reshape(rep, m)
-                xa = xa.reshape((rep, m) + x.shape[1:])
-                any_fooled = fooled.any(0)
-                # per sample: the first target (in AutoAttack's order) that fooled it, else the highest loss
-                first = torch.where(any_fooled, fooled.float().argmax(0), lb.argmax(0))
-                pick = xa[first, torch.arange(m, device=x.device)]
-                lb_best = lb.max(0).values
-                keep = any_fooled | (lb_best > best[idx])
-                adv[idx[keep]] = pick[keep]
-                best[idx] = torch.maximum(best[idx], lb_best)
-                todo[idx[any_fooled]] = False
+        for _, idx, group in engine.target_groups(todo, js, self.restarts, self.max_rows):
+            m, rep = idx.numel(), len(group)
+            xs = x[idx].repeat((rep,) + (1,) * (x.dim() - 1))
+            target = torch.cat([order[idx, -j] for j in group])
+            xa, fooled, lb = self._single_run(xs, y[idx].repeat(rep), eps[idx].repeat(rep), self._targeted_dlr,
+                                              {"target": target})
+            fooled = fooled.reshape(rep, m)
+            lb = lb.reshape(rep, m)
+            xa = xa.reshape((rep, m) + x.shape[1:])
+            any_fooled = fooled.any(0)
+            # per sample: the first target (in AutoAttack's order) that fooled it, else the highest loss
+            first = torch.where(any_fooled, fooled.float().argmax(0), lb.argmax(0))
+            pick = xa[first, torch.arange(m, device=x.device)]
+            lb_best = lb.max(0).values
+            keep = any_fooled | (lb_best > best[idx])
+            adv[idx[keep]] = pick[keep]
+            best[idx] = torch.maximum(best[idx], lb_best)
+            todo[idx[any_fooled]] = False
         return adv

@@ -334,6 +334,25 @@ def _graphed_loop(atk, forward, x0, y, x, steps, step, loss, s, eot_iter=1):
     return result
 
 
+def target_groups(todo: torch.Tensor, targets: list, restarts: int, max_rows: int):
+    """Groups of a multi-target attack's runs as replicated batches (APGD-T, FAB-T).
+
+    Yields (restart, idx, group) per batch: ``idx`` the samples still to fool (``todo``, read afresh at
+    each group, so the caller's updates of ``todo`` shrink the next one) and ``group`` a slice of
+    ``targets`` with len(group) * len(idx) <= max_rows (at least one target). Stops when no sample is left.
+    """
+    for r in range(restarts):
+        m = int(todo.sum())
+        if m == 0:
+            return
+        per_group = max(1, max_rows // m)
+        for g0 in range(0, len(targets), per_group):
+            idx = todo.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                return
+            yield r, idx, targets[g0:g0 + per_group]
+
+
 @torch.no_grad()
 def evaluate_points(atk: Attack, x: torch.Tensor, y: torch.Tensor, loss: str = "ce",
                     batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -503,29 +503,18 @@ class FAB(Attack):
         of several, the first target in AutoAttack's order is returned. Restart 0 starts at x (no random
         draw), so for restarts=1 the result equals the sequential one exactly.
         """
-        for r in range(self.restarts):
-            idx = todo.nonzero().squeeze(1)
-            m = idx.numel()
-            if m == 0:
-                return adv
-            per_group = max(1, self.max_rows // m)
-            for g0 in range(0, len(targets), per_group):
-                idx = todo.nonzero().squeeze(1)
-                m = idx.numel()
-                if m == 0:
-                    return adv
-                group = targets[g0:g0 + per_group]
-                rep = len(group)
-                xs = x[idx].repeat((rep,) + (1,) * (x.dim() - 1))
-                tg = torch.cat([t[idx] for t in group])
-                xr = self._run(xs, la[idx].repeat(rep), tg, eps[idx].repeat(rep), rand_start=r > 0)
-                with torch.no_grad():
-                    fooled = self._success(self.logits(xr), la[idx].repeat(rep), tg)
-                inside = _norm((xr - xs).reshape(xs.shape[0], -1), self.norm) <= eps[idx].repeat(rep)
-                ok = (fooled & inside).reshape(rep, m)
-                any_ok = ok.any(0)
-                first = ok.float().argmax(0)
-                pick = xr.reshape((rep, m) + x.shape[1:])[first, torch.arange(m, device=x.device)]
-                adv[idx[any_ok]] = pick[any_ok]
-                todo[idx[any_ok]] = False
+        for r, idx, group in engine.target_groups(todo, targets, self.restarts, self.max_rows):
+            m, rep = idx.numel(), len(group)
+            xs = x[idx].repeat((rep,) + (1,) * (x.dim() - 1))
+            tg = torch.cat([t[idx] for t in group])
+            xr = self._run(xs, la[idx].repeat(rep), tg, eps[idx].repeat(rep), rand_start=r > 0)
+            with torch.no_grad():
+                fooled = self._success(self.logits(xr), la[idx].repeat(rep), tg)
+            inside = _norm((xr - xs).reshape(xs.shape[0], -1), self.norm) <= eps[idx].repeat(rep)
+            ok = (fooled & inside).reshape(rep, m)
+            any_ok = ok.any(0)
+            first = ok.float().argmax(0)
+            pick = xr.reshape((rep, m) + x.shape[1:])[first, torch.arange(m, device=x.device)]
+            adv[idx[any_ok]] = pick[any_ok]
+            todo[idx[any_ok]] = False
         return adv
