@@ -102,6 +102,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--no-random-start", action="store_true", help="pgd/fat: start the attack at x (deterministic)")
     m.add_argument("--eps-warmup", type=float, help="pgd: ramp eps from 0 over this fraction of the steps")
     m.add_argument("--attack-mode", choices=("train", "eval"), help="batch-norm mode during the inner attack")
+    m.add_argument("--method-arg", action="append", default=[], metavar="NAME=VALUE",
+                   help="any keyword argument of the method's constructor (repeatable), e.g. --method-arg "
+                        "gamma=0.005; VALUE is read as a Python literal (number, bool, string, list)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int)
     o.add_argument("--batch-size", type=int, help="GLOBAL batch size (split across torchrun ranks)")
@@ -183,6 +186,28 @@ def _load_data(args, d):
     return train, held, len(train.classes), (3, args.image_size, args.image_size)
 
 
+def parse_method_args(items, cls) -> dict:
+    """``["gamma=0.005", "protected=[3, 5]"]`` -> {"gamma": 0.005, "protected": [3, 5]}, checked against
+    ``cls.__init__``'s keyword arguments (an unknown name is an error that lists the known ones)."""
+    import ast
+
+    params = [n for n, p in inspect.signature(cls.__init__).parameters.items()
+              if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    out = {}
+    for item in items or []:
+        name, sep, raw = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not name:
+            raise SystemExit(f"fastadv train: --method-arg wants NAME=VALUE, got {item!r}")
+        if name not in params:
+            raise SystemExit(f"fastadv train: --method-arg {name}: {cls.__name__} takes {', '.join(params)}")
+        try:
+            out[name] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[name] = raw  # a bare word: a string
+    return out
+
+
 def build_method(args, d, model_builder):
     from fastadv.train.methods import METHODS, load_static_model
 
@@ -217,6 +242,7 @@ def build_method(args, d, model_builder):
     if args.method == "free":
         cand["steps"] = None
     kwargs = {k: v for k, v in cand.items() if k in params and v is not None}
+    kwargs.update(parse_method_args(args.method_arg, cls))
     if args.method == "ensemble":
         paths = [s for s in (args.static_models or "").split(",") if s]
         if not paths:

@@ -88,6 +88,17 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_mean_grads(params) -> None:
+    """Average the .grad of ``params`` across ranks (no-op when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+
+
 def broadcast_flag(flag: bool, device) -> bool:
     """True on every rank if any rank's flag is True (e.g. one rank got SIGTERM)."""
     if not _INFO.distributed:

@@ -331,23 +331,25 @@ class Trainer:
             self.model = torch.compile(self.model)
             self.attack_net = torch.compile(net)
 
-        params = [p for p in net.parameters() if p.requires_grad]
-        if self.cfg.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum,
-                                             weight_decay=self.cfg.weight_decay)
-        else:
-            self.optimizer = torch.optim.Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.method = method
         self.local_batch = self.cfg.batch_size // self.dist.world_size
         n = len(self.train_data)
         self.steps_per_epoch = n // self.cfg.batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(f"batch_size {self.cfg.batch_size} is larger than the training set ({n} samples)")
-        self.method = method
+        # bind before the optimizer: a method may add trainable modules (DIAL's domain head) at bind time
+        method.bind(BindContext(net=net, model=self.model, attack_net=self.attack_net, device=device,
+                                amp=self.cfg.amp, epochs=self.cfg.epochs, steps_per_epoch=self.steps_per_epoch))
+        self.extra_params = [p for m in method.extra_modules() for p in m.parameters() if p.requires_grad]
+        params = [p for p in net.parameters() if p.requires_grad] + self.extra_params
+        if self.cfg.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum,
+                                             weight_decay=self.cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         total = self.cfg.epochs * self.steps_per_epoch * method.replays
         self.scheduler = make_scheduler(self.optimizer, self.cfg.schedule, total, self.cfg.warmup_steps)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.cfg.amp == "fp16")
-        method.bind(BindContext(net=net, model=self.model, attack_net=self.attack_net, device=device,
-                                amp=self.cfg.amp, epochs=self.cfg.epochs, steps_per_epoch=self.steps_per_epoch))
         self.out_dir = pathlib.Path(self.cfg.out_dir) if self.cfg.out_dir else None
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
         self.history: list[dict] = []
@@ -457,6 +459,8 @@ class Trainer:
                 out = self.method.loss(x, y)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(out.loss).backward()
+            if self.extra_params and self.dist.distributed:
+                D.all_reduce_mean_grads(self.extra_params)  # not inside DDP: average them as DDP does the net's
             self.method.after_backward()
             if cfg.grad_clip:
                 self.scaler.unscale_(self.optimizer)
@@ -464,6 +468,7 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
+            self.method.after_step()
             last = out
         with torch.no_grad():
             correct = (last.logits.argmax(1) == last.y).sum()
@@ -554,6 +559,11 @@ class Trainer:
                 record = {"type": "epoch", "epoch": epoch, "step": self.step, "train_loss": sums[0].item() / total_n,
                           "train_acc": sums[1].item() / total_n, "lr": self.optimizer.param_groups[0]["lr"],
                           "epoch_time_s": epoch_time, "images_per_s": seen / max(epoch_time, 1e-9), **ev}
+                extra = self.method.epoch_metrics()
+                clash = set(extra) & set(record)
+                if clash:
+                    raise ValueError(f"{type(self.method).__name__}.epoch_metrics() returned reserved keys {sorted(clash)}")
+                record.update(extra)
                 self.history.append(record)
                 self._log(record)
                 if self.is_main and cfg.progress:

@@ -16,7 +16,17 @@ The protocol (see :class:`Method`):
   loop backpropagates it and steps the optimizer; ``logits``/``y`` give the
   accuracy shown on the progress bar;
 * ``replays``: how many optimizer steps a batch gets (Free-AT's m), with
-  ``after_backward()`` called after each backward;
+  ``after_backward()`` called after each backward and ``after_step()`` after
+  each optimizer step (AWP restores its weight perturbation there; AFD takes
+  its critic and encoder updates there);
+* ``extra_modules()``: modules built at bind whose parameters join the
+  trainer's optimizer and learning-rate schedule (DIAL's domain head); the
+  method saves their weights in ``state_dict()``; under torchrun the trainer
+  averages their gradients across ranks, as DDP does the network's;
+* ``epoch_metrics() -> dict``: numbers the method measured during the epoch
+  (invariance examples made, samples stopped early), merged into the epoch
+  record of ``metrics.jsonl``; the method resets its counters in
+  ``on_epoch``;
 * ``state_dict()``/``load_state_dict()``: what a resume needs;
 * ``default_schedule`` / ``default_lr``: the learning-rate recipe of the
   method's paper where it is part of the method (Fast-AT's cyclic schedule);
@@ -138,6 +148,17 @@ class Method:
 
     def after_backward(self) -> None:
         pass
+
+    def after_step(self) -> None:
+        """Called after each optimizer (and scheduler) step."""
+
+    def extra_modules(self) -> list:
+        """Trainable modules of the method itself (not the network), trained by the trainer's optimizer."""
+        return []
+
+    def epoch_metrics(self) -> dict:
+        """Per-epoch numbers for metrics.jsonl (plain floats/ints; keys must not clash with the loop's)."""
+        return {}
 
     def state_dict(self) -> dict:
         return {}
