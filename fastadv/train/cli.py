@@ -42,7 +42,7 @@ DATASET_DEFAULTS = {
     "cifar10": dict(model="preact_resnet18", normalize="cifar10", eps=8 / 255, alpha=2 / 255, steps=7,
                     optimizer="sgd", lr=0.1, weight_decay=5e-4, schedule="multistep", batch_size=128, epochs=30,
                     eval_eps=8 / 255, eval_alpha=2 / 255, eval_steps=10, eval_samples=1000, augment="crop-flip",
-                    beta=6.0),
+                    beta=6.0, paper_method_defaults=True),
     "imagefolder": dict(model="resnet50", normalize="imagenet", eps=4 / 255, alpha=1 / 255, steps=2, optimizer="sgd",
                         lr=0.1, weight_decay=5e-5, schedule="cyclic", batch_size=256, epochs=15, eval_eps=4 / 255,
                         eval_alpha=1 / 255, eval_steps=10, eval_samples=1000, augment=None, beta=6.0),
@@ -213,8 +213,14 @@ def build_method(args, d, model_builder):
 
     cls = METHODS[args.method]
     params = inspect.signature(cls.__init__).parameters
+    # On CIFAR-10 every method's own defaults are its paper's CIFAR-10 settings (TRADES, FAT, MART: 10 steps
+    # of 0.007); the dataset's alpha 2/255 and 7 steps are PGD-AT's (Madry, Rice) and go to --method pgd only.
+    # Passing them to TRADES ran it with PGD-AT's attack, not the authors' one.
+    attack_from_dataset = not d.get("paper_method_defaults") or args.method == "pgd"
+    alpha = _pick(args, "alpha", d) if attack_from_dataset else args.alpha
+    steps = _pick(args, "steps", d) if attack_from_dataset else args.steps
     cand = {
-        "eps": _pick(args, "eps", d), "alpha": _pick(args, "alpha", d), "steps": _pick(args, "steps", d),
+        "eps": _pick(args, "eps", d), "alpha": alpha, "steps": steps,
         "beta": _pick(args, "beta", d), "tau": args.tau, "replays": args.replays, "mix_alpha": args.mix_alpha,
         "triplet_weight": args.triplet_weight, "invariance_weight": args.invariance_weight,
         "ot_weight": args.ot_weight, "attack_mode": args.attack_mode,
@@ -321,6 +327,7 @@ def run(args) -> int:
         print(f"fastadv train: {method.name} on {args.dataset} ({len(trainer.train_data)} training images), "
               f"model {model_name}{f' (width {width:g})' if width is not None else ''}, {cfg.epochs} epoch(s), batch {cfg.batch_size}, device {trainer.device}, "
               f"world size {trainer.dist.world_size}, amp {cfg.amp or 'fp32'}; output in {cfg.out_dir}", file=sys.stderr)
+        print(f"fastadv train: {method.name} settings {json.dumps(method.describe(), default=str)}", file=sys.stderr)
     try:
         result = trainer.fit()
     finally:

@@ -1,0 +1,41 @@
+"""``fastadv train`` argument resolution: which settings reach the method (no training here)."""
+import argparse
+
+import pytest
+
+from fastadv.train import cli
+
+
+def _method(argv):
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    args = p.parse_args(argv)
+    return cli.build_method(args, cli.DATASET_DEFAULTS[args.dataset], None)
+
+
+def test_cifar10_methods_keep_their_papers_attack():
+    # TRADES' CIFAR-10 attack is 10 steps of 0.007 (yaodongyu/TRADES); the dataset's 2/255 x 7 is PGD-AT's
+    t = _method(["--dataset", "cifar10", "--method", "trades"])
+    assert (t.alpha, t.steps) == (0.007, 10)
+    f = _method(["--dataset", "cifar10", "--method", "fat"])
+    assert (f.alpha, f.steps) == (0.007, 10)
+    p = _method(["--dataset", "cifar10", "--method", "pgd"])
+    assert (p.alpha, p.steps) == (2 / 255, 7)
+    # an explicit flag always wins
+    t = _method(["--dataset", "cifar10", "--method", "trades", "--alpha", "0.01", "--steps", "3"])
+    assert (t.alpha, t.steps) == (0.01, 3)
+
+
+def test_mnist_passes_the_dataset_attack():
+    t = _method(["--method", "trades"])
+    d = cli.DATASET_DEFAULTS["embedded-mnist"]
+    assert (t.eps, t.alpha, t.steps) == (d["eps"], d["alpha"], d["steps"])
+
+
+def test_method_arg_reaches_the_constructor_and_unknown_names_are_named():
+    t = _method(["--method", "trades", "--method-arg", "beta=2.5", "--method-arg", "attack_mode='train'"])
+    assert t.beta == 2.5 and t.attack_mode == "train"
+    with pytest.raises(SystemExit, match="TRADES takes .*beta"):
+        _method(["--method", "trades", "--method-arg", "gamma=1"])
+    with pytest.raises(SystemExit, match="NAME=VALUE"):
+        _method(["--method", "trades", "--method-arg", "beta"])
