@@ -16,6 +16,18 @@ rounding). ``early_stop=True`` freezes each sample at its first fooling
 iterate and drops it from the batch: the same set of fooled samples as
 without it, in less time when many samples fall early.
 
+What ``early_stop`` changes in the returned images: a fooled sample comes
+back as its FIRST fooling iterate, not the iterate after all ``steps``. It is
+still inside the ball and the box and still fooled, but its loss is lower
+and its perturbation usually smaller than the full run's (the remaining
+steps would have kept ascending). Samples never fooled come back identical
+to the full run. So robust accuracy is unchanged, but anything that uses the
+adversarial images themselves (adversarial training, which wants the
+highest-loss point; transfer attacks; perturbation statistics) gets other
+images. That is why it is off by default (drop-in equality with
+torchattacks' ``PGD``) and on in ``fastadv.evaluate``, where only "fooled or
+not" counts.
+
 Example::
 
     atk = PGD(model, eps=8/255, alpha=2/255, steps=10)
