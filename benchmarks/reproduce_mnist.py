@@ -1,0 +1,127 @@
+"""Every training method on the embedded MNIST, one budget, one table: docs/reproduction.md's rows.
+
+Runs ``fastadv train`` once per method (sequentially, in subprocesses with the interpreter running
+this script), each with the same data, model, optimizer, budget and evaluation, and collects from each
+run's summary line: clean accuracy, PGD-40 robust accuracy (the per-epoch check, L-inf, random
+start) and the final ``fastadv.evaluate`` robust accuracy (version ``fast``: APGD-CE + APGD-T), all at
+eps 0.3 on the same held-out images, and the wall time.
+
+    python benchmarks/reproduce_mnist.py                       # all methods, writes the JSON
+    python benchmarks/reproduce_mnist.py --only pgd,trades --allow-dirty --no-save
+
+The JSON goes to benchmarks/results/reproduction-mnist-<device>-<date>.json with the commit, the load
+average before and after, every command and its parsed result; a dirty tree is refused (the commit
+must name the code that produced the numbers) unless ``--allow-dirty``. ``--markdown`` prints the rows
+for docs/reproduction.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shlex
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Shared by every run: embedded MNIST (8,000 train / 2,000 held-out), MNIST CNN width 0.5, Adam 1e-3,
+# batch 100, eps 0.3, 2 epochs, evaluation PGD-40 (alpha 0.02, the dataset default) and `fast` on 500 held-out images.
+COMMON = ("--epochs 2 --eps 0.3 --eval-steps 40 --eval-samples 500 --final-eval fast "
+          "--final-eval-samples 500 --width 0.5 --threads 1 --no-progress")
+
+# (row name, method flags, what the inner maximization is, the paper's MNIST number where the paper gives one)
+RUNS = [
+    ("standard", "--method standard", "none", None),
+    ("pgd", "--method pgd --steps 10 --alpha 0.04", "PGD-10, eps ramped over 30% of the steps", None),
+    ("trades", "--method trades --steps 10 --alpha 0.04 --beta 6", "KL PGD-10", None),
+    ("fat", "--method fat --steps 10 --alpha 0.04", "early-stopped PGD-10", None),
+    ("fat-trades", "--method fat --fat-trades --steps 10 --alpha 0.04 --beta 6", "early-stopped KL PGD-10", None),
+    ("fast", "--method fast", "FGSM-RS, alpha 1.25 eps", None),
+    ("free", "--method free --replays 4", "m = 4 replays", None),
+    ("iat", "--method iat --steps 10 --alpha 0.04", "PGD-10 + mixup", None),
+    ("metric", "--method metric --steps 10 --alpha 0.04", "PGD-10 + triplet", None),
+]
+
+
+def _git(*args) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
+def run_one(name, flags, out_root, timeout) -> dict:
+    out = out_root / name
+    cmd = [sys.executable, "-m", "fastadv.cli", "train", *shlex.split(COMMON), *shlex.split(flags),
+           "--out", str(out)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    wall = time.perf_counter() - t0
+    row = {"name": name, "command": "fastadv train " + COMMON + " " + flags, "rc": proc.returncode,
+           "wall_s": round(wall, 1)}
+    summary = None
+    for line in proc.stdout.splitlines():
+        if line.startswith("{") and '"method"' in line:
+            summary = json.loads(line)
+    if proc.returncode != 0 or summary is None:
+        row["error"] = (proc.stderr or proc.stdout)[-2000:]
+        return row
+    fe = summary.get("final_eval") or {}
+    row.update(clean=summary.get("clean_acc"), pgd40=summary.get("robust_acc"), eval_fast=fe.get("robust_acc"),
+               eval_clean=fe.get("clean_acc"), suspicious=fe.get("suspicious"), train_s=summary.get("wall_time_s"))
+    return row
+
+
+def markdown(rows) -> str:
+    lines = ["| method | clean | PGD-40 robust, eps 0.3 | `fastadv eval` (fast) robust, eps 0.3 | wall (s) |",
+             "|---|---|---|---|---|"]
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed (rc {r['rc']}) | | | {r['wall_s']} |")
+            continue
+        flag = " (checks: suspicious)" if r.get("suspicious") else ""
+        lines.append(f"| {r['name']} | {pct(r['clean'])} | {pct(r['pgd40'])} | {pct(r['eval_fast'])}{flag} | "
+                     f"{r['wall_s']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", help="comma-separated row names")
+    p.add_argument("--out", default="runs/reproduce-mnist", help="run folders (default runs/reproduce-mnist)")
+    p.add_argument("--allow-dirty", action="store_true")
+    p.add_argument("--no-save", action="store_true")
+    p.add_argument("--markdown", action="store_true")
+    p.add_argument("--timeout", type=float, default=1800)
+    args = p.parse_args(argv)
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    if dirty and not args.allow_dirty:
+        print("refusing: the tree has uncommitted changes (commit, or pass --allow-dirty with --no-save)",
+              file=sys.stderr)
+        return 2
+    from fastadv.bench.harness import environment, write_result
+
+    env_before = environment("cpu")
+    runs = [r for r in RUNS if not args.only or r[0] in args.only.split(",")]
+    rows = []
+    for name, flags, inner, paper in runs:
+        print(f"[{name}] {flags}", file=sys.stderr, flush=True)
+        row = run_one(name, flags, pathlib.Path(args.out), args.timeout)
+        row.update(inner=inner, paper=paper)
+        rows.append(row)
+        print(json.dumps(row)[:400], file=sys.stderr, flush=True)
+    payload = {"common": COMMON, "rows": rows, "dirty": dirty, "env_before": env_before,
+               "load_after": os.getloadavg()}
+    if args.markdown or args.no_save:
+        print(markdown(rows))
+    if not args.no_save:
+        path = write_result("reproduction-mnist", payload)
+        print(f"wrote {path}", file=sys.stderr)
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
