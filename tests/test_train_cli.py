@@ -39,3 +39,14 @@ def test_method_arg_reaches_the_constructor_and_unknown_names_are_named():
         _method(["--method", "trades", "--method-arg", "gamma=1"])
     with pytest.raises(SystemExit, match="NAME=VALUE"):
         _method(["--method", "trades", "--method-arg", "beta"])
+
+
+def test_awp_passes_only_its_base_methods_settings():
+    a = _method(["--method", "awp", "--method-arg", "base='trades'"])
+    assert a.base.name == "trades" and a.base.beta == 1.0  # MNIST's beta reaches TRADES
+    a = _method(["--method", "awp"])
+    assert a.base.name == "pgd" and a.base.eps_warmup == cli.DATASET_DEFAULTS["mnist"]["eps_warmup"]
+    a = _method(["--dataset", "cifar10", "--method", "awp"])
+    assert a.base.steps == 10  # AT-AWP's PGD-10, not the dataset's PGD-7
+    with pytest.raises(SystemExit, match="base must be one of"):
+        _method(["--method", "awp", "--method-arg", "base='nope'"])

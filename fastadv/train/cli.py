@@ -208,6 +208,11 @@ def parse_method_args(items, cls) -> dict:
     return out
 
 
+def attack_from_dataset_for(args, d, method: str) -> bool:
+    """Whether the dataset's alpha/steps (PGD-AT's) fill in for flags the user did not give."""
+    return not d.get("paper_method_defaults") or method == "pgd"
+
+
 def build_method(args, d, model_builder):
     from fastadv.train.methods import METHODS, load_static_model
 
@@ -216,7 +221,7 @@ def build_method(args, d, model_builder):
     # On CIFAR-10 every method's own defaults are its paper's CIFAR-10 settings (TRADES, FAT, MART: 10 steps
     # of 0.007); the dataset's alpha 2/255 and 7 steps are PGD-AT's (Madry, Rice) and go to --method pgd only.
     # Passing them to TRADES ran it with PGD-AT's attack, not the authors' one.
-    attack_from_dataset = not d.get("paper_method_defaults") or args.method == "pgd"
+    attack_from_dataset = attack_from_dataset_for(args, d, args.method)
     alpha = _pick(args, "alpha", d) if attack_from_dataset else args.alpha
     steps = _pick(args, "steps", d) if attack_from_dataset else args.steps
     cand = {
@@ -247,8 +252,21 @@ def build_method(args, d, model_builder):
         cand["alpha"] = args.alpha
     if args.method == "free":
         cand["steps"] = None
+    extra = parse_method_args(args.method_arg, cls)
+    if args.method == "awp":  # the settings go to the base method: keep only those it takes
+        from fastadv.train.methods.awp import BASES
+
+        base = extra.get("base", "pgd")
+        if base not in BASES:
+            raise SystemExit(f"fastadv train --method awp: base must be one of {', '.join(BASES)}, got {base!r}")
+        if base == "pgd":
+            cand["eps_warmup"] = _pick(args, "eps_warmup", d)  # the embedded-MNIST run relies on the ramp
+        if not attack_from_dataset_for(args, d, "awp"):
+            cand["alpha"], cand["steps"] = args.alpha, args.steps  # AWP's per-base defaults (the AWP scripts)
+        base_params = inspect.signature(BASES[base].__init__).parameters
+        cand = {k: v for k, v in cand.items() if k in base_params}
     kwargs = {k: v for k, v in cand.items() if k in params and v is not None}
-    kwargs.update(parse_method_args(args.method_arg, cls))
+    kwargs.update(extra)
     if args.method == "ensemble":
         paths = [s for s in (args.static_models or "").split(",") if s]
         if not paths:

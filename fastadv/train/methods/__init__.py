@@ -26,12 +26,15 @@ from fastadv.train.methods.metric import (MetricAT, _Embed, ot_regularizer, penu
 from fastadv.train.methods.pgd import PGDAT
 from fastadv.train.methods.trades import TRADES, trades_kl
 from fastadv.train.methods.wasserstein import WassersteinAT
+from fastadv.train.methods.mart import MART, GaussianStartPGD, mart_loss, mart_terms
+from fastadv.train.methods.awp import AWP
 
 __all__ = ["Method", "StepOutput", "BindContext", "Standard", "PGDAT", "TRADES", "FAT", "FastAT", "FreeAT",
            "EnsembleAT", "IAT", "MetricAT", "WassersteinAT", "METHODS", "get_method", "tau_schedule",
            "penultimate_features", "train_config", "FastATEarlyStop", "FriendlyPGD", "SingleStep",
            "load_static_model", "trades_kl", "triplet_terms", "ot_regularizer", "mixup_ce", "resolve_layer",
-           "tracks_running_stats", "FAT_MILESTONES", "FAT_TRADES_MILESTONES"]
+           "tracks_running_stats", "FAT_MILESTONES", "FAT_TRADES_MILESTONES", "MART", "AWP", "GaussianStartPGD",
+           "mart_loss", "mart_terms"]
 
 METHODS = {
     "standard": Standard,
@@ -44,6 +47,8 @@ METHODS = {
     "iat": IAT,
     "metric": MetricAT,
     "wasserstein": WassersteinAT,
+    "mart": MART,
+    "awp": AWP,
 }
 
 

@@ -47,6 +47,10 @@ class PGDAT(Method):
         """The adversarial batch the loss is taken on."""
         return self.attack()(x, y)
 
-    def loss(self, x, y):
-        logits = self.forward(self.perturb(x, y))
+    def loss_from_adv(self, x, x_adv, y):
+        """CE on a given adversarial batch (AWP takes its weight perturbation on this)."""
+        logits = self.forward(x_adv)
         return StepOutput(F.cross_entropy(logits, y), logits, y)
+
+    def loss(self, x, y):
+        return self.loss_from_adv(x, self.perturb(x, y), y)

@@ -53,11 +53,18 @@ class TRADES(Method):
         return TRADESAttack(self.ctx.attack_net, eps=self.eps, alpha=self.alpha, steps=self.steps,
                             **self.attack_kwargs())(x, y)
 
+    def perturb(self, x, y):
+        """The adversarial batch x' (``inner``; the name AWP and PGDAT share)."""
+        return self.inner(x, y)
+
     def loss(self, x, y):
         if self.beta == 0:
             logits = self.forward(x)
             return StepOutput(F.cross_entropy(logits, y), logits, y)
-        x_adv = self.inner(x, y)
+        return self.loss_from_adv(x, self.inner(x, y), y)
+
+    def loss_from_adv(self, x, x_adv, y):
+        """The outer loss for a given adversarial batch (AWP takes its weight perturbation on this)."""
         clean = self.forward(x)
         adv = self.forward(x_adv)
         loss = F.cross_entropy(clean, y) + self.beta * trades_kl(adv, clean)
