@@ -50,3 +50,8 @@ def test_awp_passes_only_its_base_methods_settings():
     assert a.base.steps == 10  # AT-AWP's PGD-10, not the dataset's PGD-7
     with pytest.raises(SystemExit, match="base must be one of"):
         _method(["--method", "awp", "--method-arg", "base='nope'"])
+
+
+def test_cost_sensitive_keeps_its_one_step_attack_on_mnist():
+    c = _method(["--method", "cost", "--method-arg", "protected=[3]"])
+    assert c.steps == 1

@@ -19,6 +19,7 @@ SPSA               gradient-free (Uesato 2018)
 TransferAttack     crafted on source models (Tramer 2018)
 InvarianceAttack   nearest other-class reference (Tramer 2020)
 WassersteinPGD     Wasserstein-ball PGD (Wong et al. 2019), fastadv.ot
+FOSCPGD            PGD stopped per sample at FOSC <= c (Wang et al. 2019)
 =================  ==================================================
 """
 from fastadv.attacks.base import Attack, attack_loss, dlr_loss, is_fooled, margin
@@ -33,6 +34,7 @@ from fastadv.attacks.spsa import SPSA
 from fastadv.attacks.transfer import Ensemble, TransferAttack
 from fastadv.attacks.invariance import InvarianceAttack
 from fastadv.attacks.wasserstein import WassersteinPGD
+from fastadv.attacks.fosc_pgd import FOSCPGD
 
 __all__ = ["Attack", "FGSM", "RFGSM", "PGD", "PGDL2", "EarlyStoppedPGD", "TRADESAttack", "APGD", "APGDT", "FAB", "Square", "SPSA",
-           "TransferAttack", "Ensemble", "InvarianceAttack", "WassersteinPGD", "attack_loss", "dlr_loss", "is_fooled", "margin"]
+           "TransferAttack", "Ensemble", "InvarianceAttack", "WassersteinPGD", "FOSCPGD", "attack_loss", "dlr_loss", "is_fooled", "margin"]

@@ -208,8 +208,16 @@ def parse_method_args(items, cls) -> dict:
     return out
 
 
+SINGLE_STEP_METHODS = ("cost",)
+
+
 def attack_from_dataset_for(args, d, method: str) -> bool:
-    """Whether the dataset's alpha/steps (PGD-AT's) fill in for flags the user did not give."""
+    """Whether the dataset's alpha/steps (PGD-AT's) fill in for flags the user did not give.
+
+    Never for cost-sensitive AT: its inner attack is the authors' one-step FGSM, which the dataset's
+    PGD-10 would silently replace."""
+    if method in SINGLE_STEP_METHODS:
+        return False
     return not d.get("paper_method_defaults") or method == "pgd"
 
 

@@ -28,13 +28,21 @@ from fastadv.train.methods.trades import TRADES, trades_kl
 from fastadv.train.methods.wasserstein import WassersteinAT
 from fastadv.train.methods.mart import MART, GaussianStartPGD, mart_loss, mart_terms
 from fastadv.train.methods.awp import AWP
+from fastadv.train.methods.arub import ARUB, arub_loss, input_jacobian
+from fastadv.train.methods.cost import (CostSensitiveAT, CostSensitivePGD, cost_sensitive_loss, expected_cost,
+                                        protect_cost_matrix)
+from fastadv.train.methods.fosc import FOSCAT, fosc_schedule
+from fastadv.train.methods.jsigr import (JSIGR, jacobian_frobenius_estimate, selective_gradient_penalty,
+                                         selective_mask)
 
 __all__ = ["Method", "StepOutput", "BindContext", "Standard", "PGDAT", "TRADES", "FAT", "FastAT", "FreeAT",
            "EnsembleAT", "IAT", "MetricAT", "WassersteinAT", "METHODS", "get_method", "tau_schedule",
            "penultimate_features", "train_config", "FastATEarlyStop", "FriendlyPGD", "SingleStep",
            "load_static_model", "trades_kl", "triplet_terms", "ot_regularizer", "mixup_ce", "resolve_layer",
            "tracks_running_stats", "FAT_MILESTONES", "FAT_TRADES_MILESTONES", "MART", "AWP", "GaussianStartPGD",
-           "mart_loss", "mart_terms"]
+           "mart_loss", "mart_terms", "ARUB", "arub_loss", "input_jacobian", "CostSensitiveAT", "CostSensitivePGD",
+           "cost_sensitive_loss", "expected_cost", "protect_cost_matrix", "FOSCAT", "fosc_schedule", "JSIGR",
+           "jacobian_frobenius_estimate", "selective_gradient_penalty", "selective_mask"]
 
 METHODS = {
     "standard": Standard,
@@ -49,6 +57,10 @@ METHODS = {
     "wasserstein": WassersteinAT,
     "mart": MART,
     "awp": AWP,
+    "fosc": FOSCAT,
+    "arub": ARUB,
+    "cost": CostSensitiveAT,
+    "jsigr": JSIGR,
 }
 
 
