@@ -400,3 +400,26 @@ def test_jsigr_loss_composition():
     rec = m.epoch_metrics()
     assert 0 < rec["jsigr_mask_frac"] <= 1 and rec["jsigr_jacobian"] > 0
     assert selective_gradient_penalty(torch.ones(2, 3), torch.tensor([[1, 0, 1], [0, 0, 0]]).bool()).tolist() == [2, 0]
+
+
+def test_fosc_compaction_equals_the_masked_loop():
+    # eval mode: stopped samples leave the batch (engine stop=...); 'as-is' on an eval-mode net runs the
+    # masked loop with the same math: same iterates, same steps, bit for bit
+    from fastadv.attacks import FOSCPGD
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 12), torch.nn.Tanh(),
+                              torch.nn.Linear(12, 4)).eval()
+    x, y = torch.rand(9, 1, 4, 4), torch.randint(0, 4, (9,))
+    c = torch.tensor([0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0])
+    outs = []
+    for mode in ("eval", "as-is"):
+        g = torch.Generator().manual_seed(3)
+        atk = FOSCPGD(net, eps=0.3, alpha=0.05, steps=8, c=c, generator=g, model_mode=mode)
+        outs.append((atk(x, y), atk.steps_taken.clone(), atk.last_fosc.clone()))
+    (xa, sa, fa), (xb, sb, fb) = outs
+    assert torch.equal(xa, xb) and torch.equal(sa, sb)
+    # last_fosc of a stopped sample: taken at its stop (compacted) or recomputed at the same point in a
+    # batch of another size (masked): equal up to float32 rounding of 16-term sums
+    assert torch.allclose(fa, fb, rtol=1e-5, atol=1e-6)
+    assert len(set(sa.tolist())) > 2  # the criteria stop samples at different steps: compaction ran

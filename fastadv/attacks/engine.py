@@ -201,7 +201,7 @@ def eot_grad(forward, loss, xc: torch.Tensor, s: dict, targeted: bool, eot_iter:
 def run_loop(atk: Attack, x0: torch.Tensor, y: torch.Tensor, x: torch.Tensor, steps: int, step: StepFn, *,
              loss: str = "ce", state: dict | None = None, early_stop: bool = False, tau: int = 0,
              compact_every: int | None = None, compile: bool = False, cuda_graph: bool = False,
-             eot_iter: int = 1) -> dict:
+             eot_iter: int = 1, stop: Callable | None = None) -> dict:
     """K attack steps on a batch, with per-sample early stop and compaction.
 
     Args:
@@ -220,6 +220,10 @@ def run_loop(atk: Attack, x0: torch.Tensor, y: torch.Tensor, x: torch.Tensor, st
         compact_every: steps between compactions (host syncs); default 1 on CPU, 4 on CUDA.
         compile, cuda_graph: see the module docstring.
         eot_iter: forward+backward passes averaged per step (EOT, default 1; see the module docstring).
+        stop: with ``early_stop``, the per-sample stop criterion in place of "fooled":
+            ``stop(x, grad, s, t, logits) -> bool (B',)`` on the active samples, evaluated before
+            step t; a True sample does not take step t and leaves the batch (FOSC <= c for dynamic
+            AT). It must be final: a stopped sample would stay stopped in the uncompacted loop.
     Returns:
         dict of full-batch tensors: 'x' (the final or frozen iterate), every key
         of ``state``, and 'stopped' (bool (B,), True where early stop froze the sample).
@@ -254,7 +258,7 @@ def run_loop(atk: Attack, x0: torch.Tensor, y: torch.Tensor, x: torch.Tensor, st
     budget = torch.full((b,), int(tau), dtype=torch.int32, device=x.device)
     for t in range(steps):
         g, per, logits = grad_at(x, s)
-        fooled = is_fooled(logits, s["y"], atk.targeted)
+        fooled = is_fooled(logits, s["y"], atk.targeted) if stop is None else stop(x, g, s, t, logits)
         if tau > 0:
             # FAT (Zhang et al. 2020): a fooled sample may take `tau` more steps.
             newly = fooled & (budget == 0)

@@ -24,10 +24,13 @@ steps until its First-Order Stationary Condition
 * steps: x <- clip_[0,1](x0 + clamp(x + alpha * sign(g) - x0, -eps, eps))
   (``fastadv.ops.linf_step``; the reference clips to the ball, then the box).
 
-The stop is a per-sample mask (``torch.where``), with no host sync inside
-the loop; stopped samples still ride along in the forward passes, because
-the engine's batch compaction (``fastadv.attacks.engine.run_loop``) only
-knows the "fooled" stop criterion.
+With the model in eval mode (the default) a stopped sample leaves the batch:
+the engine's compaction (``fastadv.attacks.engine.run_loop(stop=...)``)
+takes the FOSC test as its stop criterion, so only moving samples are
+forwarded; the result is bitwise that of the masked loop (tested). In train
+mode, where a stopped sample can resume, the stop is a per-sample mask
+(``torch.where``) and every sample rides along. Neither path syncs the host
+inside the loop, except the compaction decision itself.
 
 Deliberate differences from the reference:
 
@@ -120,6 +123,12 @@ class FOSCPGD(Attack):
         x_new = ops.linf_step(x, s["x0"], g, s["alpha"], s["eps"], clip=self.clip)
         return torch.where(move.reshape((-1,) + (1,) * (x.dim() - 1)), x_new, x)
 
+    @staticmethod
+    def _stop(x, g, s, t, logits):
+        # the criterion _step applies (t >= 1 and FOSC <= c), evaluated on the same gradient
+        f = fosc_value(x, s["origin"], g, s["eps"])
+        return (f <= s["c"]) & (t >= 1)
+
     def perturb(self, x, y):
         from fastadv.attacks.pgd import random_start
 
@@ -131,6 +140,10 @@ class FOSCPGD(Attack):
         state = {"eps": eps, "alpha": alpha, "c": c, "origin": x if self.origin == "clean" else x1,
                  "steps": torch.zeros(b, dtype=torch.int32, device=x.device),
                  "fosc": torch.zeros(b, dtype=torch.float32, device=x.device)}
-        res = engine.run_loop(self, x, y, x1, self.steps, self._step, loss=self._ce_sum, state=state)
+        # compaction needs a final stop: true in eval mode (a frozen iterate keeps its gradient), not with
+        # batch statistics, where other samples' moves change a stopped sample's FOSC
+        compact = self.model_mode == "eval"
+        res = engine.run_loop(self, x, y, x1, self.steps, self._step, loss=self._ce_sum, state=state,
+                              early_stop=compact, stop=self._stop if compact else None)
         self.steps_taken, self.last_fosc = res["steps"], res["fosc"]
         return res["x"]
