@@ -96,8 +96,16 @@ def build_model(args):
     kwargs = json.loads(args.model_kwargs) if args.model_kwargs is not None else dict(meta.get("kwargs") or {})
     normalize = args.normalize if args.normalize is not None else meta.get("normalize")
     num_classes = args.num_classes or meta.get("num_classes") or 10
-    model = get_model(name, num_classes, normalize=normalize, **kwargs)
-    target = model.model if normalize is not None and not any(k.startswith("model.") for k in sd) else model
+    ens = meta.get("ensemble") if args.model is None else None
+    if ens:  # fastadv train --ensemble-size / --members: an Ensemble of the recorded architecture
+        from fastadv.models import Ensemble
+
+        model = Ensemble([get_model(name, num_classes, normalize=normalize, **kwargs) for _ in range(ens["size"])],
+                         combine=ens.get("combine", "logits"))
+        target = model
+    else:
+        model = get_model(name, num_classes, normalize=normalize, **kwargs)
+        target = model.model if normalize is not None and not any(k.startswith("model.") for k in sd) else model
     try:
         target.load_state_dict(sd)
     except RuntimeError as exc:

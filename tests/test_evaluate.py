@@ -393,3 +393,24 @@ def test_two_class_model_is_not_suspicious_for_being_binary():
     r = evaluate(model, (x, y), eps=0.05, version="fast", check_samples=32, spsa_steps=5, spsa_samples=16,
                  progress=False)
     assert r["checks"]["n_classes"]["status"] == "pass" and "adapted" in r["checks"]["n_classes"]["detail"]
+
+
+def test_ensemble_gets_a_transfer_matrix_in_the_report(tmp_path):
+    # an Ensemble is evaluated as one model, and the report adds robust accuracy of every member and the
+    # whole under attacks crafted on each (members' white-box numbers on the diagonal)
+    from fastadv.attacks import transfer_matrix
+    from fastadv.models import Ensemble
+
+    ens = Ensemble([mlp(seed=s) for s in range(3)]).eval()
+    x, y = data(ens)
+    r = evaluate(ens, (x, y), attacks=deterministic_attacks(ens), eps=0.05, batch_size=16, out_dir=tmp_path,
+                 check_samples=16, **QUIET)
+    t = r["transfer"]
+    assert t is not None and len(t["sources"]) == 4 and t["n"] == 16
+    # the same matrix, computed directly on the same check samples
+    names = t["sources"]
+    direct = transfer_matrix(dict(zip(names, [*ens.members, ens])), x[:16], y[:16], 0.05, seed=0)
+    assert direct["robust_accuracy"] == t["robust_accuracy"]
+    assert "## Transfer" in (tmp_path / "report.md").read_text()
+    plain = evaluate(mlp(), data(mlp()), attacks=deterministic_attacks(mlp()), eps=0.05, batch_size=16, **QUIET)
+    assert plain["transfer"] is None

@@ -82,3 +82,24 @@ def test_torchrun_sharded_eval_equals_one_process(checkpoint, tmp_path):
     # one resume state per rank, each holding its own shard of the 6 batches
     shards = [json.loads((tmp_path / f"state.json.rank{r}").read_text())["batches"] for r in (0, 1)]
     assert sorted(shards[0]) == ["0", "2", "4"] and sorted(shards[1]) == ["1", "3", "5"]
+
+
+def test_ensemble_checkpoint_is_rebuilt_as_an_ensemble(tmp_path):
+    # fastadv train --ensemble-size / --members records {"ensemble": {"size", "combine"}}; eval rebuilds the
+    # Ensemble and loads every member's weights (a single model would not fit the members.{i}. keys)
+    import argparse
+
+    from fastadv.evaluate_cli import build_model
+    from fastadv.models import Ensemble
+
+    torch.manual_seed(0)
+    ens = Ensemble([get_model("mnist_cnn", 10, width=0.125) for _ in range(3)])
+    meta = {"name": "mnist_cnn", "num_classes": 10, "kwargs": {"width": 0.125}, "normalize": None,
+            "dataset": "embedded-mnist", "input_shape": [1, 28, 28], "ensemble": {"size": 3, "combine": "logits"}}
+    path = save_model_file(tmp_path / "model.pt", ens, meta)
+    args = argparse.Namespace(checkpoint=str(path), model=None, model_kwargs=None, normalize=None, num_classes=None)
+    model, _ = build_model(args)
+    assert isinstance(model, Ensemble) and len(model.members) == 3
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), ens.eval()(x))

@@ -55,3 +55,12 @@ def test_awp_passes_only_its_base_methods_settings():
 def test_cost_sensitive_keeps_its_one_step_attack_on_mnist():
     c = _method(["--method", "cost", "--method-arg", "protected=[3]"])
     assert c.steps == 1
+
+
+def test_mnist_presets_of_dial_and_afd_fill_unset_terms():
+    m = _method(["--method", "dial"])
+    assert (m.variant, m.beta, m.domain_weight) == ("ce", 6.0, 0.1)
+    m = _method(["--method", "dial", "--beta", "2", "--method-arg", "variant='kl'"])
+    assert (m.variant, m.beta) == ("kl", 2.0)
+    a = _method(["--method", "afd"])
+    assert a.critic_lr == 0.5 and a.eps == 0.3

@@ -31,10 +31,10 @@ from fastadv.attacks.apgd import APGD, APGDT
 from fastadv.attacks.fab import FAB
 from fastadv.attacks.square import Square
 from fastadv.attacks.spsa import SPSA
-from fastadv.attacks.transfer import Ensemble, TransferAttack
+from fastadv.attacks.transfer import Ensemble, TransferAttack, ensemble_sources, format_transfer_matrix, transfer_matrix
 from fastadv.attacks.invariance import InvarianceAttack
 from fastadv.attacks.wasserstein import WassersteinPGD
 from fastadv.attacks.fosc_pgd import FOSCPGD
 
 __all__ = ["Attack", "FGSM", "RFGSM", "PGD", "PGDL2", "EarlyStoppedPGD", "TRADESAttack", "APGD", "APGDT", "FAB", "Square", "SPSA",
-           "TransferAttack", "Ensemble", "InvarianceAttack", "WassersteinPGD", "FOSCPGD", "attack_loss", "dlr_loss", "is_fooled", "margin"]
+           "TransferAttack", "Ensemble", "InvarianceAttack", "WassersteinPGD", "FOSCPGD", "transfer_matrix", "ensemble_sources", "format_transfer_matrix", "attack_loss", "dlr_loss", "is_fooled", "margin"]

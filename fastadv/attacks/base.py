@@ -44,9 +44,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastadv import _validate as V
+from fastadv.losses import mce_loss
 
 MODEL_MODES = ("eval", "train", "as-is")
-LOSSES = ("ce", "cw", "dlr")
+LOSSES = ("ce", "cw", "dlr", "mce")
 _AUTOCAST = {None: None, "none": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
              "fp16": torch.float16, "float16": torch.float16}
 
@@ -111,7 +112,9 @@ def attack_loss(kind: str, logits: torch.Tensor, y: torch.Tensor, targeted: bool
     ce: CE(z, y) untargeted, -CE(z, t) targeted; cw: the margin
     max_{j!=y} z_j - z_y untargeted, z_t - max_{j!=t} z_j targeted (Carlini &
     Wagner 2017, unclamped); dlr: ``dlr_loss`` (targeted DLR needs the true
-    label, so the targeted engine passes y = target and uses CE-style DLR on it).
+    label, so the targeted engine passes y = target and uses CE-style DLR on it);
+    mce: ``fastadv.losses.mce_loss`` with weight 1 (Zhang et al. 2022, margin
+    boosting), MCE(z, y) untargeted, -MCE(z, t) targeted.
     """
     if kind == "ce":
         ce = F.cross_entropy(logits, y, reduction="none")
@@ -123,6 +126,9 @@ def attack_loss(kind: str, logits: torch.Tensor, y: torch.Tensor, targeted: bool
         if targeted:
             raise ValueError("loss='dlr' is untargeted (targeted DLR needs the true label too); use 'ce' or 'cw'")
         return dlr_loss(logits, y)
+    if kind == "mce":
+        per = mce_loss(logits, y, reduction="none")
+        return -per if targeted else per
     raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {kind!r}")
 
 
@@ -137,6 +143,9 @@ def grad_objective(kind: str, logits: torch.Tensor, y: torch.Tensor, targeted: b
     per = attack_loss(kind, logits, y, targeted)
     if kind == "ce":
         cost = F.cross_entropy(logits, y)
+        return (-cost if targeted else cost), per.detach()
+    if kind == "mce":
+        cost = mce_loss(logits, y)  # the batch mean, as the reference attack's (zdhNarsil/Margin-Boosting pgd.py)
         return (-cost if targeted else cost), per.detach()
     return per.sum(), per.detach()
 

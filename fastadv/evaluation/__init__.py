@@ -330,6 +330,8 @@ def _finish(report, model, guard, kept_x, kept_y, records, names, curve, curve_a
             options={"spsa_steps": spsa_steps, "spsa_samples": spsa_samples,
                      "transfer_sources": transfer_sources})
         _expected_outcomes(report["checks"], version, notes, n_classes)
+    report["transfer"] = _transfer(model, transfer_sources, kx[:check_samples], ky[:check_samples], eps, norm,
+                                   common, seed)
     report["suspicious"], report["verdict"] = verdict(report["checks"], checks)
     report["warnings"] = [f"{k}: {c['detail']}" for k, c in report["checks"].items() if c["status"] == "fail"]
     for w in report["warnings"]:
@@ -337,6 +339,24 @@ def _finish(report, model, guard, kept_x, kept_y, records, names, curve, curve_a
     if out_dir is not None:
         report["files"] = write_report(report, out_dir)
     return report
+
+
+def _transfer(model, transfer_sources, x, y, eps, norm, common, seed):
+    """The transfer matrix (``fastadv.attacks.transfer_matrix``) on the check samples, when there is more
+    than one model to craft on: the members and the whole of an ``Ensemble``, and ``transfer_sources``
+    given as a dict name -> model. None otherwise (a plain list of sources only feeds the black-box check)."""
+    from fastadv.attacks.transfer import ensemble_sources, transfer_matrix
+    from fastadv.models import Ensemble
+
+    models = ensemble_sources(model) if isinstance(model, Ensemble) else {}
+    if isinstance(transfer_sources, dict):
+        models.update(transfer_sources)
+    if not models:
+        return None
+    if not any(m is model for m in models.values()):
+        models["evaluated model"] = model
+    opts = {k: common[k] for k in ("model_mode", "autocast", "clip") if k in common}
+    return transfer_matrix(models, x, y, eps, norm=norm, seed=seed, **opts)
 
 
 def _expected_outcomes(checks: dict, version: str, notes: list, n_classes: int) -> None:

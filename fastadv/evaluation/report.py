@@ -118,6 +118,11 @@ def markdown(report: dict) -> str:
         lines.append(f"| {nm} | {c.get('status', '?').upper()} | {val[:60]} | {c.get('detail', '')} |")
     if not report.get("checks"):
         lines.append("| (none run) | | | |")
+    if report.get("transfer"):
+        from fastadv.attacks.transfer import format_transfer_matrix
+
+        lines += ["", "## Transfer (rows: crafted on; columns: evaluated on; robust accuracy)", "",
+                  format_transfer_matrix(report["transfer"])]
     if report.get("per_class"):
         lines += ["", "## Per class", "", "| class | n | clean | robust |", "|---:|---:|---:|---:|"]
         for k, v in report["per_class"].items():

@@ -14,6 +14,9 @@ wrn34_10           WideResNet-34-10                3x32x32      46.2 M
 resnet50           ResNet-50 (v1.5)                3x224x224    25.6 M
 =================  ==============================  ===========  =========
 
+``Ensemble(members, combine='logits' | 'probs', weights=None)`` combines
+classifiers into one model (fastadv.models.ensemble).
+
 Example::
 
     from fastadv.models import get_model
@@ -25,6 +28,7 @@ from typing import Sequence
 
 from torch import nn
 
+from fastadv.models.ensemble import Ensemble
 from fastadv.models.mnist_cnn import MnistCNN
 from fastadv.models.normalize import (CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, Normalize,
                                       NormalizedModel)
@@ -75,6 +79,7 @@ def get_model(name: str, num_classes: int = 10, *, normalize: str | tuple[Sequen
     return model
 
 
-__all__ = ["get_model", "MODELS", "NORMALIZATIONS", "INPUT_SHAPES", "MnistCNN", "PreActResNet", "PreActResNet18",
+__all__ = ["get_model", "Ensemble", "MODELS", "NORMALIZATIONS", "INPUT_SHAPES", "MnistCNN", "PreActResNet",
+           "PreActResNet18",
            "WideResNet", "WideResNet34_10", "ResNet", "ResNet50", "Normalize", "NormalizedModel",
            "CIFAR10_MEAN", "CIFAR10_STD", "IMAGENET_MEAN", "IMAGENET_STD"]

@@ -32,6 +32,10 @@ from fastadv.train.methods.arub import ARUB, arub_loss, input_jacobian
 from fastadv.train.methods.cost import (CostSensitiveAT, CostSensitivePGD, cost_sensitive_loss, expected_cost,
                                         protect_cost_matrix)
 from fastadv.train.methods.fosc import FOSCAT, fosc_schedule
+from fastadv.train.methods.boosting import MCEPGD, MarginBoost, train_boosted
+from fastadv.train.methods.trs import TRS, pairwise_abs_cosine
+from fastadv.train.methods.dial import DIAL, DIAL_CIFAR100, DIAL_MNIST, dial_loss, dial_progress
+from fastadv.train.methods.afd import AFD, AFD_MNIST, critic_loss, encoder_loss
 from fastadv.train.methods.jsigr import (JSIGR, jacobian_frobenius_estimate, selective_gradient_penalty,
                                          selective_mask)
 
@@ -42,7 +46,9 @@ __all__ = ["Method", "StepOutput", "BindContext", "Standard", "PGDAT", "TRADES",
            "tracks_running_stats", "FAT_MILESTONES", "FAT_TRADES_MILESTONES", "MART", "AWP", "GaussianStartPGD",
            "mart_loss", "mart_terms", "ARUB", "arub_loss", "input_jacobian", "CostSensitiveAT", "CostSensitivePGD",
            "cost_sensitive_loss", "expected_cost", "protect_cost_matrix", "FOSCAT", "fosc_schedule", "JSIGR",
-           "jacobian_frobenius_estimate", "selective_gradient_penalty", "selective_mask"]
+           "jacobian_frobenius_estimate", "selective_gradient_penalty", "selective_mask", "MarginBoost", "MCEPGD",
+           "train_boosted", "TRS", "pairwise_abs_cosine", "DIAL", "DIAL_MNIST", "DIAL_CIFAR100", "dial_loss",
+           "dial_progress", "AFD", "AFD_MNIST", "critic_loss", "encoder_loss"]
 
 METHODS = {
     "standard": Standard,
@@ -61,6 +67,10 @@ METHODS = {
     "arub": ARUB,
     "cost": CostSensitiveAT,
     "jsigr": JSIGR,
+    "boost": MarginBoost,
+    "trs": TRS,
+    "dial": DIAL,
+    "afd": AFD,
 }
 
 
