@@ -64,3 +64,20 @@ def test_mnist_presets_of_dial_and_afd_fill_unset_terms():
     assert (m.variant, m.beta) == ("kl", 2.0)
     a = _method(["--method", "afd"])
     assert a.critic_lr == 0.5 and a.eps == 0.3
+
+
+@pytest.mark.parametrize("name,kw", [("metric", {}), ("iat", {"mixup": "manifold", "mix_layers": ("input", "2")})])
+def test_hook_methods_refuse_a_compiled_model(name, kw):
+    # a forward hook added per call never fires under torch.compile: refuse instead of silently training
+    # another method (no compile happens: torch.compile only wraps until the first call)
+    import torch
+
+    from fastadv.models import get_model
+    from fastadv.train.methods import BindContext, get_method
+
+    net = get_model("mnist_cnn", 10, width=0.125)
+    m = get_method(name, **kw)
+    if name == "metric":
+        m.set_invariance_bank((torch.rand(8, 1, 28, 28), torch.arange(8) % 10))
+    with pytest.raises(ValueError, match="torch.compile"):
+        m.bind(BindContext(net=net, model=torch.compile(net), attack_net=net, device=torch.device("cpu")))

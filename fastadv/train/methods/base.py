@@ -93,6 +93,15 @@ def _check_choice(name, v, choices):
     return v
 
 
+def refuse_compiled_hooks(ctx: "BindContext", method: str, what: str) -> None:
+    """Raise when the training forward is ``torch.compile``d and the method needs forward hooks added per
+    call: dynamo does not guard on hooks registered after the first compiled call, so such a hook never
+    fires (seen on torch 2.13 CPU; a silent no-op would train another method)."""
+    if hasattr(ctx.model, "_orig_mod") or hasattr(ctx.attack_net, "_orig_mod"):
+        raise ValueError(f"{method}: {what} uses forward hooks, which a torch.compile'd model does not run; "
+                         "train without compile (--compile / TrainConfig.compile=False)")
+
+
 def tracks_running_stats(net: nn.Module) -> bool:
     """True when a forward of ``net`` updates batch-norm running averages (a BN layer in train mode)."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats

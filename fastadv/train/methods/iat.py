@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastadv.train.methods.base import Method, StepOutput, _check_choice, _check_int, _check_pos
+from fastadv.train.methods.base import Method, StepOutput, _check_choice, _check_int, _check_pos, refuse_compiled_hooks
 
 INPUT = "input"
 
@@ -77,6 +77,8 @@ class IAT(Method):
     def bind(self, ctx):
         super().bind(ctx)
         self._layers = [None if n == INPUT else resolve_layer(ctx.net, n) for n in self.mix_layers]
+        if any(layer is not None for layer in self._layers):
+            refuse_compiled_hooks(ctx, "iat", "manifold mixup")
         return self
 
     def perturb(self, x, y):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastadv import ops
-from fastadv.train.methods.base import Method, StepOutput, _check_choice, _check_int, _check_pos
+from fastadv.train.methods.base import Method, StepOutput, _check_choice, _check_int, _check_pos, refuse_compiled_hooks
 
 
 def penultimate_features(net: nn.Module) -> nn.Module:
@@ -218,6 +218,7 @@ class MetricAT(Method):
 
     def bind(self, ctx):
         super().bind(ctx)
+        refuse_compiled_hooks(ctx, "metric", "the embedding capture")
         self._build_bank()
         return self
 
