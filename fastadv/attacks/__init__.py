@@ -20,6 +20,7 @@ TransferAttack     crafted on source models (Tramer 2018)
 InvarianceAttack   nearest other-class reference (Tramer 2020)
 WassersteinPGD     Wasserstein-ball PGD (Wong et al. 2019), fastadv.ot
 FOSCPGD            PGD stopped per sample at FOSC <= c (Wang et al. 2019)
+IWDAttack          internal (patch) Wasserstein budget (Li et al. 2021), fastadv.iwd
 =================  ==================================================
 """
 from fastadv.attacks.base import Attack, attack_loss, dlr_loss, is_fooled, margin
@@ -35,6 +36,7 @@ from fastadv.attacks.transfer import Ensemble, TransferAttack, ensemble_sources,
 from fastadv.attacks.invariance import InvarianceAttack
 from fastadv.attacks.wasserstein import WassersteinPGD
 from fastadv.attacks.fosc_pgd import FOSCPGD
+from fastadv.attacks.iwd import IWDAttack
 
 __all__ = ["Attack", "FGSM", "RFGSM", "PGD", "PGDL2", "EarlyStoppedPGD", "TRADESAttack", "APGD", "APGDT", "FAB", "Square", "SPSA",
-           "TransferAttack", "Ensemble", "InvarianceAttack", "WassersteinPGD", "FOSCPGD", "transfer_matrix", "ensemble_sources", "format_transfer_matrix", "attack_loss", "dlr_loss", "is_fooled", "margin"]
+           "TransferAttack", "Ensemble", "InvarianceAttack", "WassersteinPGD", "FOSCPGD", "IWDAttack", "transfer_matrix", "ensemble_sources", "format_transfer_matrix", "attack_loss", "dlr_loss", "is_fooled", "margin"]

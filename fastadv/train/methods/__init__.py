@@ -36,6 +36,7 @@ from fastadv.train.methods.boosting import MCEPGD, MarginBoost, train_boosted
 from fastadv.train.methods.trs import TRS, pairwise_abs_cosine
 from fastadv.train.methods.dial import DIAL, DIAL_CIFAR100, DIAL_MNIST, dial_loss, dial_progress
 from fastadv.train.methods.afd import AFD, AFD_MNIST, critic_loss, encoder_loss
+from fastadv.train.methods.robustify import IWDAT, PreemptiveAT
 from fastadv.train.methods.jsigr import (JSIGR, jacobian_frobenius_estimate, selective_gradient_penalty,
                                          selective_mask)
 
@@ -48,7 +49,7 @@ __all__ = ["Method", "StepOutput", "BindContext", "Standard", "PGDAT", "TRADES",
            "cost_sensitive_loss", "expected_cost", "protect_cost_matrix", "FOSCAT", "fosc_schedule", "JSIGR",
            "jacobian_frobenius_estimate", "selective_gradient_penalty", "selective_mask", "MarginBoost", "MCEPGD",
            "train_boosted", "TRS", "pairwise_abs_cosine", "DIAL", "DIAL_MNIST", "DIAL_CIFAR100", "dial_loss",
-           "dial_progress", "AFD", "AFD_MNIST", "critic_loss", "encoder_loss"]
+           "dial_progress", "AFD", "AFD_MNIST", "critic_loss", "encoder_loss", "PreemptiveAT", "IWDAT"]
 
 METHODS = {
     "standard": Standard,
@@ -71,6 +72,8 @@ METHODS = {
     "trs": TRS,
     "dial": DIAL,
     "afd": AFD,
+    "preemptive": PreemptiveAT,
+    "iwd": IWDAT,
 }
 
 
