@@ -3,6 +3,11 @@
 Every kernel sees (B, N) row-major rows (``fastadv._layout.rows``): sample b
 is the N elements starting at ``b * N``. Row offsets are int64 (B * N passes
 2**31 at 512x3x224x224). Arithmetic is float32 whatever the storage dtype.
+No kernel derives a sample index from an element offset (no ``//`` or ``%``
+on offsets): programs are laid out by sample (``elem_launch`` / ``elem_grids``
+for the elementwise kernels, one program or one grid row per sample for the
+reductions). tests/test_triton_grid.py checks the source, and
+tests/test_triton_lp.py the compiled TTIR.
 
 The per-sample root-finds (the L2-ball-with-box multiplier, the L1 threshold
 tau and the SLIDE quantile) run as one program per sample. When the sample fits
@@ -16,6 +21,8 @@ batches; it is not written because the iteration count is data dependent and
 would need a host sync or a persistent grid-wide barrier per iteration.
 """
 from __future__ import annotations
+
+import os
 
 import triton
 import triton.language as tl
@@ -32,6 +39,71 @@ L1_MAX_ITERS = 80
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+# ----------------------------------------------------------------- elementwise launches
+# The elementwise kernels (linf_step, project_linf) run on a 2-D grid: axis 0
+# walks the samples, axis 1 the BLOCK-element chunks of a sample, so a program
+# loads its sample's alpha/eps once and computes no per-element sample index
+# (the 1-D version divided every int64 offset by N). A program is a
+# [ROWS, BLOCK] tile: ROWS = 1 when a sample spans at least one tile, else
+# several whole samples a program, so a batch of tiny samples does not become
+# one mostly-masked program per sample. ELEM_TILE = ROWS * BLOCK elements:
+# 1024 over 4 warps on a GPU (Triton's vector-add tutorial setting); the
+# interpreter runs a program as numpy calls, so fewer, larger tiles are faster.
+ELEM_TILE = 1024
+ELEM_TILE_INTERPRET = 8192
+# CUDA caps grid axes 1 and 2 at 65535 programs; a sample with more chunks
+# (over 67M elements at BLOCK = 1024) is covered by several launches, each
+# passing the index of its first chunk.
+GRID_Y_MAX = 65535
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def elem_launch(b: int, n: int) -> tuple[int, int, int]:
+    """(ROWS, BLOCK, num_warps) for the elementwise kernels on b rows of n elements.
+
+    BLOCK: the chunk of one sample a program covers (a power of two, at least
+    16, at most the tile); ROWS: samples a program covers (> 1 only when a
+    sample fits in half a tile; never more than the batch needs).
+    """
+    tile = ELEM_TILE_INTERPRET if _interpreted() else ELEM_TILE
+    block = min(tile, max(16, next_pow2(n)))
+    rows = max(1, min(tile // block, next_pow2(b)))
+    # one warp per 256 elements of the tile (8 fp32 a thread at 1024), at most 4
+    return rows, block, int(min(4, max(1, rows * block // 256)))
+
+
+def elem_grids(b: int, n: int, rows: int, block: int) -> list[tuple[tuple[int, int], int]]:
+    """[(grid, chunk0), ...]: the (sample groups, chunks) grids covering b rows of n elements.
+
+    One launch unless a sample has more than GRID_Y_MAX chunks; launch i
+    covers chunks chunk0 .. chunk0 + grid[1] - 1. Chunk offsets within a sample
+    are int32, so a sample must stay below 2**31 elements (8 GiB of float32).
+    """
+    if n > 2**31 - 1 - block:
+        raise ValueError(f"a sample of {n} elements needs int64 offsets within the sample (limit 2**31 - {block + 1})")
+    groups = triton.cdiv(b, rows)
+    nchunk = triton.cdiv(n, block)
+    return [((groups, min(GRID_Y_MAX, nchunk - c0)), c0) for c0 in range(0, nchunk, GRID_Y_MAX)]
+
+
+@triton.jit
+def _elem_tile(pid_rows, pid_chunk, chunk0, B, N, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """(rows, offs, mask) of one [ROWS, BLOCK] tile of the (B, N) rows.
+
+    rows: the tile's sample indices (int64, shape [ROWS]); offs: int64
+    element offsets row * N + column ([ROWS, BLOCK]). The column is
+    (chunk0 + pid_chunk) * BLOCK + lane: no division anywhere.
+    """
+    rows = pid_rows.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = (chunk0 + pid_chunk) * BLOCK + tl.arange(0, BLOCK)
+    offs = (rows * N)[:, None] + cols[None, :]
+    mask = (rows < B)[:, None] & (cols < N)[None, :]
+    return rows, offs, mask
 
 
 def row_launch(n: int, single_max: int, chunk: int) -> tuple[int, bool, int]:

@@ -7,7 +7,8 @@ floats (+-inf: no box; the box applies only when x0 is given), the result goes
 to ``out``, which may alias ``delta`` (every kernel reads an element before it
 writes it, and writes ``out`` only in its last pass).
 
-* project_linf: elementwise clamp, 1-D grid over B * N.
+* project_linf: elementwise clamp on a 2-D grid (sample groups, chunks of a
+  sample; ``_lp_common.elem_launch``), eps loaded once a program.
 * project_l2 without a box: a norm and a scale. One program per sample when
   the sample fits in one block; otherwise two passes over a (B, chunks) grid:
   per-chunk partial sums of squares into a float32 (B, chunks) buffer, then
@@ -25,7 +26,6 @@ writes it, and writes ``out`` only in its last pass).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -35,6 +35,7 @@ from ._lp_common import (
     L1_MAX_ITERS,
     L2_MAX_ITERS,
     _clamp,
+    _elem_tile,
     _l1_caps,
     _l1_sums,
     _l1_update,
@@ -43,9 +44,10 @@ from ._lp_common import (
     _l2_fixed_point,
     _nan_to_zero,
     _sign,
+    elem_grids,
+    elem_launch,
     next_pow2,
     row_launch,
-    warps_for,
 )
 
 # A sample of up to SINGLE_MAX elements is one block held in registers
@@ -54,34 +56,19 @@ from ._lp_common import (
 # chunked and two-pass paths on small shapes.
 SINGLE_MAX = 8192
 CHUNK = 4096
-# Elementwise kernels: 1024 elements a program, 4 warps (Triton's vector-add
-# tutorial setting). The interpreter runs a program as numpy calls, so fewer,
-# larger programs are faster there.
-ELEM_BLOCK = 1024
-ELEM_BLOCK_INTERPRET = 8192
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def elem_launch(total: int) -> tuple[int, int]:
-    block = ELEM_BLOCK_INTERPRET if _interpreted() else ELEM_BLOCK
-    return block, warps_for(block)
-
-
 def _launch(kernel, wrap):
     return wrap(kernel) if wrap is not None else kernel
 
 
 # ===================================================================== L-inf
 @triton.jit
-def _project_linf_kernel(d_ptr, x0_ptr, eps_ptr, out_ptr, lo, hi, N, total, HAS_X0: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < total
-    row = offs // N
-    e = tl.load(eps_ptr + row, mask=mask, other=0.0).to(tl.float32)
+def _project_linf_kernel(
+    d_ptr, x0_ptr, eps_ptr, out_ptr, lo, hi, B, N, chunk0,
+    HAS_X0: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Program (i, j): samples i*ROWS .. i*ROWS + ROWS - 1, chunk chunk0 + j of each."""
+    rows, offs, mask = _elem_tile(tl.program_id(0), tl.program_id(1), chunk0, B, N, ROWS, BLOCK)
+    e = tl.load(eps_ptr + rows, mask=rows < B, other=0.0).to(tl.float32)[:, None]  # once per sample
     d = tl.load(d_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     lower = -e
     upper = e
@@ -96,15 +83,14 @@ def _project_linf_kernel(d_ptr, x0_ptr, eps_ptr, out_ptr, lo, hi, N, total, HAS_
 def project_linf_triton(delta, eps, x0, lo, hi, out, *, _wrap=None):
     """out = clamp(delta, max(-eps, lo - x0), min(eps, hi - x0)) on (B, N) rows."""
     b, n = delta.shape
-    total = b * n
-    if total == 0:
+    if b * n == 0:
         return
-    block, warps = elem_launch(total)
-    grid = (triton.cdiv(total, block),)
-    _launch(_project_linf_kernel, _wrap)[grid](
-        delta, delta if x0 is None else x0, eps, out, float(lo), float(hi), n, total,
-        HAS_X0=x0 is not None, BLOCK=block, num_warps=warps,
-    )
+    rows, block, warps = elem_launch(b, n)
+    for grid, chunk0 in elem_grids(b, n, rows, block):
+        _launch(_project_linf_kernel, _wrap)[grid](
+            delta, delta if x0 is None else x0, eps, out, float(lo), float(hi), b, n, chunk0,
+            HAS_X0=x0 is not None, ROWS=rows, BLOCK=block, num_warps=warps,
+        )
 
 
 # ===================================================================== L2

@@ -7,8 +7,9 @@ contiguous rows of one dtype, alpha and eps float32 (B,) tensors, lo/hi floats
 element before it writes it and writes ``out`` only in its last pass).
 Arithmetic is float32; a NaN gradient coordinate counts as 0.
 
-* linf_step: purely elementwise, 1-D grid over B * N; the sample index
-  offs // N fetches alpha and eps. Same operations in the same order as
+* linf_step: purely elementwise on a 2-D grid (sample groups, chunks of a
+  sample; ``_lp_common.elem_launch``): each program loads its samples' alpha
+  and eps once, no per-element sample index. Same operations in the same order as
   torchattacks' PGD, so float32 results are bit-identical (alpha * sign(g)
   is exact, so FMA contraction on a GPU cannot change it either).
 * l2_step: one program per sample when it fits in one block (direct norms on
@@ -35,13 +36,16 @@ import triton.language as tl
 from ._lp_common import (
     L1_MAX_ITERS,
     _clamp,
+    _elem_tile,
     _l1_caps,
     _nan_to_zero,
     _sign,
+    elem_grids,
+    elem_launch,
     next_pow2,
     row_launch,
 )
-from .lp_project import _l1_chunk, _l1_tau, _launch, elem_launch
+from .lp_project import _l1_chunk, _l1_tau, _launch
 
 # See lp_project.SINGLE_MAX / CHUNK; tests lower these to force the chunked paths.
 SINGLE_MAX = 8192
@@ -53,13 +57,16 @@ INF_BITS = tl.constexpr(0x7F800000)
 
 # ===================================================================== L-inf
 @triton.jit
-def _linf_step_kernel(x_ptr, x0_ptr, g_ptr, alpha_ptr, eps_ptr, out_ptr, lo, hi, N, total, BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < total
-    row = offs // N
-    a = tl.load(alpha_ptr + row, mask=mask, other=0.0).to(tl.float32)
-    e = tl.load(eps_ptr + row, mask=mask, other=0.0).to(tl.float32)
+def _linf_step_kernel(
+    x_ptr, x0_ptr, g_ptr, alpha_ptr, eps_ptr, out_ptr, lo, hi, B, N, chunk0,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Program (i, j): samples i*ROWS .. i*ROWS + ROWS - 1, chunk chunk0 + j of each."""
+    rows, offs, mask = _elem_tile(tl.program_id(0), tl.program_id(1), chunk0, B, N, ROWS, BLOCK)
+    rmask = rows < B
+    # once per sample, broadcast over the chunk
+    a = tl.load(alpha_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    e = tl.load(eps_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x0 = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -72,13 +79,14 @@ def _linf_step_kernel(x_ptr, x0_ptr, g_ptr, alpha_ptr, eps_ptr, out_ptr, lo, hi,
 def linf_step_triton(x, x0, grad, alpha, eps, lo, hi, out, *, _wrap=None):
     """out = clamp(x0 + clamp(x + alpha * sign(grad) - x0, -eps, eps), lo, hi) on (B, N) rows."""
     b, n = x.shape
-    total = b * n
-    if total == 0:
+    if b * n == 0:
         return
-    block, warps = elem_launch(total)
-    _launch(_linf_step_kernel, _wrap)[(triton.cdiv(total, block),)](
-        x, x0, grad, alpha, eps, out, float(lo), float(hi), n, total, BLOCK=block, num_warps=warps
-    )
+    rows, block, warps = elem_launch(b, n)
+    for grid, chunk0 in elem_grids(b, n, rows, block):
+        _launch(_linf_step_kernel, _wrap)[grid](
+            x, x0, grad, alpha, eps, out, float(lo), float(hi), b, n, chunk0,
+            ROWS=rows, BLOCK=block, num_warps=warps,
+        )
 
 
 # ===================================================================== L2

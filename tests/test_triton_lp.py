@@ -13,7 +13,10 @@ This file covers what only the Triton code has:
 * opcheck of the registered ``fastadv::triton_*`` ops;
 * that every kernel lowers to PTX for sm_90 (no GPU needed), which the
   interpreter does not check (it accepted a non-constexpr global that the
-  compiler rejects).
+  compiler rejects), without register spills (ptxas -v) or integer divisions
+  on tensors (TTIR);
+* the spill check of ``fastadv doctor --gpu`` (fastadv/doctor.py): ptxas -v
+  parsing on real logs, CompiledKernel.n_regs/n_spills on stand-in objects.
 
 On CPU these run under TRITON_INTERPRET=1 (set by conftest.py). Tolerances:
 the float32 reference and the kernels sum a sample in different orders; the
@@ -295,9 +298,11 @@ T = "*fp32"
 F = "*fp32"  # alpha, eps, partials are float32
 # The kernels with loops, bitcasts and two-pass reductions, at the launch
 # settings the launchers pick (the simpler variants share their helpers;
-# all 17 variants x 3 dtypes were lowered once by hand, see docs/backends-triton.md).
+# `fastadv doctor --gpu` compiles every variant the launchers pick at
+# CIFAR/ImageNet sizes, and --spills-ptxas does it here in about 50 s).
 cases = [
-    (S._linf_step_kernel, [T, T, T, F, F, T, "fp32", "fp32", "i32", "i64"], dict(BLOCK=1024), 4),
+    (S._linf_step_kernel, [T, T, T, F, F, T, "fp32", "fp32", "i32", "i32", "i32"], dict(ROWS=1, BLOCK=1024), 4),
+    (P._project_linf_kernel, [T, T, F, T, "fp32", "fp32", "i32", "i32", "i32"], dict(HAS_X0=True, ROWS=4, BLOCK=128), 2),
     (S._l2_step_apply_kernel, [T, T, T, F, F, F, T, "fp32", "fp32", "i32", "i32"], dict(BLOCK=4096, PBLOCK=64), 8),
     (S._l1_step_kernel, [T, T, T, F, F, T, "fp32", "fp32", "i32", "i32"], dict(SINGLE=True, BLOCK=4096, MAX_ITERS=80), 8),
     (S._l1_step_kernel, [T, T, T, F, F, T, "fp32", "fp32", "i32", "i32"], dict(SINGLE=False, BLOCK=4096, MAX_ITERS=80), 8),
@@ -307,14 +312,152 @@ cases = [
     (P._project_l1_kernel, [T, T, F, T, "fp32", "fp32", "i32"], dict(HAS_X0=True, SINGLE=False, BLOCK=4096, MAX_ITERS=80), 8),
 ]
 for fn, types, consts, warps in cases:
-    lower(fn, types, consts, warps)
+    lower(fn, types, consts, warps, no_tensor_div=True)
+# Control: the spill reading must see a spill. Triton's maxnreg=32 caps the
+# registers of project_l1 (about 145 without it), so ptxas must spill.
+c = compile_sm90(P._project_l1_kernel, [T, T, F, T, "fp32", "fp32", "i32"],
+                 dict(HAS_X0=True, SINGLE=True, BLOCK=4096, MAX_ITERS=80), 8, maxnreg=32)
+res = doctor.ptxas_resources(c)
+assert res["n_regs"] <= 32 and res["n_spills"] > 0 and res["spill_stores"] > 0, res
+print("control spills", res)
 """
 
 
 def test_kernels_lower_to_ptx_for_sm90(tmp_path):
-    """Compile every kernel for an H100 (sm_90) without a GPU: catches what the
-    interpreter accepts but the compiler rejects, and register spills."""
-    lower_for_sm90(_LOWERING, tmp_path, expect=8)
+    """Compile the Lp kernels for an H100 (sm_90) without a GPU: catches what the
+    interpreter accepts but the compiler rejects, register spills (ptxas -v), and
+    integer divisions on tensors in the TTIR; a register-capped control must spill."""
+    stdout = lower_for_sm90(_LOWERING, tmp_path, expect=9)
+    assert "control spills" in stdout
+
+
+# ------------------------------------------------------------------ the spill check's parsing (no GPU needed)
+# Real ptxas -v output: the ptxas Triton 3.9 ships for sm_90 on two kernels of
+# this package, the second built with maxnreg=32; then the nvcc-era prefix with
+# two kernels in one log.
+PTXAS_CLEAN = """\
+ptxas-blackwell info    : 0 bytes gmem
+ptxas-blackwell info    : Compiling entry function '_linf_step_kernel' for 'sm_90a'
+ptxas-blackwell info    : Function properties for _linf_step_kernel
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas-blackwell info    : Used 32 registers, used 0 barriers
+ptxas-blackwell info    : Compile time = 31.762 ms
+"""
+PTXAS_SPILLED = """\
+ptxas-blackwell info    : 0 bytes gmem
+ptxas-blackwell info    : Compiling entry function '_project_l1_kernel' for 'sm_90a'
+ptxas-blackwell info    : Function properties for _project_l1_kernel
+    328 bytes stack frame, 416 bytes spill stores, 508 bytes spill loads
+ptxas-blackwell info    : Used 32 registers, used 1 barriers, 328 bytes cumulative stack size
+ptxas-blackwell info    : Compile time = 156.169 ms
+"""
+PTXAS_TWO = """\
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_a_kernel' for 'sm_90'
+ptxas info    : Function properties for _a_kernel
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 20 registers, 380 bytes cmem[0]
+ptxas info    : Compiling entry function '_b_kernel' for 'sm_90'
+ptxas info    : Function properties for _b_kernel
+    6 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 255 registers, 380 bytes cmem[0]
+"""
+
+
+def test_parse_ptxas_verbose():
+    from fastadv import doctor
+
+    assert doctor.parse_ptxas_verbose(PTXAS_CLEAN) == {
+        "_linf_step_kernel": {"n_regs": 32, "n_spills": 0, "stack_frame": 0, "spill_stores": 0, "spill_loads": 0}}
+    assert doctor.parse_ptxas_verbose(PTXAS_SPILLED)["_project_l1_kernel"] == {
+        "n_regs": 32, "n_spills": 82, "stack_frame": 328, "spill_stores": 416, "spill_loads": 508}
+    two = doctor.parse_ptxas_verbose(PTXAS_TWO)
+    assert two["_a_kernel"]["n_regs"] == 20 and two["_a_kernel"]["n_spills"] == 0
+    # n_spills as Triton counts it (local bytes / 4), rounded up: 6 bytes -> 2 words
+    assert two["_b_kernel"] == {"n_regs": 255, "n_spills": 2, "stack_frame": 6, "spill_stores": 4, "spill_loads": 4}
+    assert doctor.parse_ptxas_verbose("ptxas fatal   : Unsupported .version 9.4") == {}
+
+
+class _FakeCompiled:
+    """Stands for triton's CompiledKernel: n_regs / n_spills appear only once _init_handles has loaded the
+    binary (as in Triton 3.x), or come in the metadata (as Triton plans)."""
+
+    def __init__(self, name, regs, spills, *, in_metadata=False, block=0):
+        import collections
+
+        fields = dict(name=name, num_warps=4)
+        if in_metadata:
+            fields.update(n_regs=regs, n_spills=spills)
+        self.metadata = collections.namedtuple("KernelMetadata", sorted(fields))(**fields)
+        self.hash = f"{name}-{block}-{regs}-{spills}"
+        self._res = (regs, spills)
+        self.loaded = False
+
+    def _init_handles(self):
+        self.loaded = True
+        self.n_regs, self.n_spills = self._res
+
+
+def test_compiled_resources_from_a_compiled_kernel():
+    from fastadv import doctor
+
+    ck = _FakeCompiled("_k", 40, 0)
+    assert not hasattr(ck, "n_spills")
+    assert doctor.compiled_resources(ck) == {"n_regs": 40, "n_spills": 0} and ck.loaded
+    ck = _FakeCompiled("_k", 255, 12, in_metadata=True)
+    assert doctor.compiled_resources(ck) == {"n_regs": 255, "n_spills": 12} and not ck.loaded
+    with pytest.raises(RuntimeError, match="neither n_spills nor _init_handles"):
+        doctor.compiled_resources(object())
+
+
+class _FakeJit:
+    """Stands for a @triton.jit kernel: warmup returns a compiled kernel whose registers depend on BLOCK;
+    maxnreg=32 makes it spill unless ``control_blind`` (a reading that cannot see spills)."""
+
+    def __init__(self, name, regs_per_block, control_blind=False):
+        self.name, self.regs, self.blind = name, regs_per_block, control_blind
+
+    def warmup(self, *args, grid, BLOCK, num_warps, maxnreg=None):
+        regs = self.regs[BLOCK]
+        spills = 0 if regs < 255 else regs - 254
+        if maxnreg is not None and not self.blind:
+            regs, spills = maxnreg, max(1, regs - maxnreg)
+        return _FakeCompiled(self.name, regs, spills, block=BLOCK)
+
+
+def _fake_launches(kernel, blocks):
+    x = torch.empty(1)
+    return [(f"case{i}", (kernel, (1,), (x,), dict(BLOCK=b, num_warps=4))) for i, b in enumerate(blocks)]
+
+
+def test_spill_check_reports_and_fails_on_spills():
+    from fastadv import doctor
+
+    k = _FakeJit("_k", {1024: 40, 4096: 120, 8192: 300})
+    ok = doctor.spill_check("gpu", _fake_launches(k, [1024, 4096, 4096]))
+    assert ok["status"] == "passed" and ok["method"] == "gpu" and ok["spilled"] == []
+    rows = {r["constexprs"]["BLOCK"]: r for r in ok["kernels"]}
+    assert rows[4096]["cases"] == ["case1", "case2"] and rows[4096]["n_regs"] == 120  # one row per compiled kernel
+    assert rows[1024]["dtype"] == "float32" and rows[1024]["num_warps"] == 4
+    assert ok["control"]["constexprs"] == {"BLOCK": 4096} and ok["control"]["n_spills"] > 0  # the most registers
+
+    bad = doctor.spill_check("gpu", _fake_launches(k, [1024, 8192]))
+    assert bad["status"] == "failed" and bad["spilled"] == ["_k float32 {'BLOCK': 8192}: 46 words"]
+
+    blind = doctor.spill_check("gpu", _fake_launches(_FakeJit("_k", {1024: 40}, control_blind=True), [1024]))
+    assert blind["status"] == "failed" and "cannot see them" in blind["reason"]
+
+
+def test_spill_mode_without_a_gpu():
+    """No GPU: skipped with the reason unless --spills-ptxas; --skip spills wins; a GPU reads n_spills."""
+    from fastadv import doctor
+
+    mode, why = doctor._spill_mode(False, "no CUDA device", False, False)
+    assert mode is None and why.startswith("no GPU here (no CUDA device)") and "--spills-ptxas" in why
+    assert doctor._spill_mode(True, "H200", True, False) == (None, "skipped by --skip")
+    assert doctor._spill_mode(True, "H200", False, False) == ("gpu", None)
+    mode, why = doctor._spill_mode(False, "no CUDA device", False, True)
+    assert (mode, why) == ("ptxas", None) or (mode is None and "no usable ptxas" in why)
 
 
 def test_lp_common_launch_heuristics():
