@@ -28,12 +28,26 @@ Images/s = batch / median step time (``harness.time_fn``). The ratio is
 fastadv / eager. ``full_epoch_s`` is the time one epoch of the full
 dataset (MNIST 60,000, CIFAR-10 50,000 images) would take at the measured
 rate. On a shared machine the load average is in the environment stamp.
+
+``--imagefolder [DIR]`` (issue 12) measures the JPEG-folder path instead:
+the loader alone (``fastadv.data.loader.EpochLoader``: decode,
+RandomResizedCrop + flip, collate, copy) in images/s at each ``--sizes``
+resolution, on DIR or on a generated folder of ImageNet-sized JPEGs; then
+the Trainer's fast-AT and PGD-AT steps at 224 px in each ``--precisions``
+against the model's own floor (K x forward+backward to the input + one
+forward+backward+SGD step, plain PyTorch, same model, batch and layout),
+and whether the loader or the step is the slower ('bound'). ResNet-50 at
+batch 256 on CUDA; on a CPU a ResNet-50-shaped network with one
+bottleneck per stage at 1/4 width, so that a run takes minutes.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import os
+import pathlib
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +69,15 @@ def add_arguments(p) -> None:
                    help="fastadv step with channels_last inputs and weights (default on: on this 2-core Xeon it took "
                         "PGD-AT on the MNIST CNN from 1.06x to 1.41x the eager recipe)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model in the fastadv step")
+    g = p.add_argument_group("the JPEG-folder data path (issue 12): fastadv bench train --imagefolder [DIR]")
+    g.add_argument("--imagefolder", nargs="?", const="generate", default=None, metavar="DIR",
+                   help="loader images/s and training-step images/s (fast-AT, PGD-AT; fp32, bf16) against the "
+                        "model's own forward+backward floor; DIR: root/<class>/*.jpg (default: a generated "
+                        "folder of ImageNet-sized JPEGs in a temporary directory)")
+    g.add_argument("--images", type=int, default=None, help="generated JPEGs (default 256; --quick 48)")
+    g.add_argument("--workers", type=int, default=None, help="decoding processes (default: min(8, CPUs))")
+    g.add_argument("--sizes", default=None, help="loader resolutions, comma list (default 128,224,288; --quick 224)")
+    g.add_argument("--precisions", default=None, help="training steps: comma list of fp32,bf16 (default both)")
 
 
 # ------------------------------------------------------------------ eager recipes
@@ -133,6 +156,8 @@ def _settings(model_name, method, steps):
 
 
 def run(args) -> dict:
+    if getattr(args, "imagefolder", None):
+        return run_imagefolder(args)
     from fastadv.models import get_model
     from fastadv.train import TrainConfig, Trainer, get_method
 
@@ -198,3 +223,199 @@ def run(args) -> dict:
                ("fastadv_img_s", "fastadv img/s", "{:.1f}"), ("speedup", "speedup", "{:.2f}x"),
                ("full_epoch_s", "full epoch s", "{:.0f}")]
     return {"rows": rows, "columns": columns, "notes": notes}
+
+
+# ------------------------------------------------------------- the JPEG-folder data path (issue 12)
+def generate_folder(root, n: int, classes: int = 4, seed: int = 0):
+    """``n`` JPEGs under root/<class>/ with ImageNet's typical geometry (sides 300-500 px, quality 90) and
+    smooth content plus noise (so they compress like photographs, about 30-60 kB each)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root = pathlib.Path(root)
+    for k in range(n):
+        c = k % classes
+        d = root / f"class{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        w, h = (int(v) for v in rng.integers(300, 501, size=2))
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        f = rng.uniform(0.005, 0.05, size=3)
+        img = np.stack([127 + 100 * np.sin(f[i] * xx + (i + 1) * f[(i + 1) % 3] * yy + c) for i in range(3)], -1)
+        img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(d / f"img{k:05d}.JPEG", quality=90)
+    return root
+
+
+def _loader_rate(ds, size, batch, workers, device, epochs=2):
+    """Images/s of the loader alone at ``size``: the second of ``epochs`` passes (the first starts the
+    persistent workers), decode + augment + collate + host-to-device copy."""
+    from fastadv.data.loader import EpochLoader
+    from fastadv.train import distributed as D
+
+    loader = EpochLoader(ds, workers=workers, prefetch=4, pin_memory=device.type == "cuda")
+    rate = None
+    for e in range(epochs):
+        batches = D.shard_indices(D.global_permutation(len(ds), 0, e), batch, 0, 1)
+        t0, n = time.perf_counter(), 0
+        for x, _ in loader.batches(batches, device, e, 0, size=size):
+            n += x.shape[0]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rate = n / (time.perf_counter() - t0)
+    loader.close()
+    return rate
+
+
+def _floor_fns(net, x, y, amp, device):
+    """The two pieces of the model's own floor, in plain PyTorch (autocast in ``amp``) on the same model, batch
+    and layout: forward + backward + SGD step on the weights, and forward + backward to the input only."""
+    import contextlib
+
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+    ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp == "bf16" else contextlib.nullcontext
+
+    def weights():
+        with ctx():
+            loss = F.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def inputs():
+        xr = x.detach().requires_grad_(True)
+        with ctx():
+            loss = F.cross_entropy(net(xr), y)
+        torch.autograd.grad(loss, xr)
+
+    return weights, inputs
+
+
+def _paired(fns, device, rounds: int, min_time: float) -> list[list[float]]:
+    """ms per call of each fn, timed in alternation (one call of each per round, after one warm-up call each),
+    so a change of machine load hits all of them alike; at least ``rounds`` rounds and ``min_time`` seconds."""
+    def once(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t) * 1e3
+
+    for fn in fns:
+        once(fn)
+    out, t0 = [[] for _ in fns], time.perf_counter()
+    while len(out[0]) < rounds or time.perf_counter() - t0 < min_time:
+        for k, fn in enumerate(fns):
+            out[k].append(once(fn))
+    return out
+
+
+def run_imagefolder(args) -> dict:
+    """``fastadv bench train --imagefolder``: loader images/s per resolution, training-step images/s per
+    method and precision, each step against the model's floor, and which of data or model bounds it."""
+    import tempfile
+
+    from fastadv.data.imagefolder import ImageFolder
+    from fastadv.models import get_model
+    from fastadv.models.resnet import ResNet
+    from fastadv.train import TrainConfig, Trainer, get_method
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    quick = bool(args.quick)
+    workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
+    # --quick is a smoke test (seconds): 96 px, batch 4; the numbers to report come from the default 224 px run
+    sizes = [int(s) for s in (args.sizes or ("96" if quick else "128,224,288")).split(",") if s]
+    precisions = [p for p in (args.precisions or "fp32,bf16").split(",") if p]
+    min_time = args.min_time if args.min_time is not None else (0.2 if quick else 3.0)
+    # ResNet-50 on a GPU; on a CPU a ResNet-50-shaped network with one bottleneck per stage and 1/4 of the
+    # width (0.6 M parameters), so a step at 224 px takes about a second instead of a minute on 2 cores
+    if args.model in (None, "resnet50") and cuda:
+        model_name, build = "resnet50", lambda: get_model("resnet50", num_classes=1000, normalize="imagenet")
+        batch = args.batch_size or 256
+    else:
+        model_name = args.model or "resnet-1111-w16"
+        if model_name == "resnet-1111-w16":
+            build = lambda: ResNet((1, 1, 1, 1), num_classes=4, width=16)  # noqa: E731
+        else:
+            build = lambda: get_model(model_name, num_classes=4)  # noqa: E731
+        batch = args.batch_size or (4 if quick else 32)
+    tmp = None
+    if args.imagefolder == "generate":
+        tmp = tempfile.TemporaryDirectory(prefix="fastadv-bench-jpegs-")
+        n = args.images or (24 if quick else 256)
+        t0 = time.perf_counter()
+        root = generate_folder(tmp.name, n)
+        print(f"bench train --imagefolder: generated {n} JPEGs in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    else:
+        root = pathlib.Path(args.imagefolder)
+    rows, notes = [], []
+    try:
+        ds = ImageFolder(root, train=True, size=224, seed=0)
+        lbatch = min(4 if quick else 64, len(ds))
+        loader_rate = {}
+        for s in sizes:
+            print(f"bench train --imagefolder: loader at {s} px, {workers} workers ...", file=sys.stderr)
+            loader_rate[s] = _loader_rate(ds, s, lbatch, workers, device)
+            rows.append({"case": "loader", "size": s, "precision": "", "batch": lbatch, "img_s": loader_rate[s],
+                         "floor_img_s": None, "ratio_to_floor": None, "bound": ""})
+        size = 224 if 224 in sizes else sizes[-1]
+        x, y = next(iter(_one_batch(ds, batch, size)))
+        x, y = x.to(device), (y % 4 if model_name != "resnet50" else y).to(device)
+        for amp in precisions:
+            amp_ = None if amp == "fp32" else amp
+            kpgd = args.pgd_steps or (2 if quick else 10)
+            for method, kw, k in (("fast", dict(eps=4 / 255), 1),
+                                  ("pgd", dict(eps=4 / 255, alpha=1 / 255, steps=kpgd), kpgd)):
+                torch.manual_seed(0)
+                net = build().to(device).to(memory_format=torch.channels_last)
+                xs = x.contiguous(memory_format=torch.channels_last)
+                cfg = TrainConfig(epochs=1, batch_size=batch, optimizer="sgd", lr=1e-3, schedule="constant",
+                                  amp=amp_, channels_last=True, progress=False, device=str(device))
+                tr = Trainer(net, get_method(method, **kw), (x.cpu(), y.cpu()), None, cfg)
+                torch.manual_seed(0)
+                fnet = build().to(device).to(memory_format=torch.channels_last)
+                weights, inputs = _floor_fns(fnet, xs, y, amp_, device)
+                print(f"bench train --imagefolder: {method} {amp} step, batch {batch} at {size} px ...",
+                      file=sys.stderr)
+                step_ms, w_ms, i_ms = _paired([lambda: tr._train_step(xs, y), weights, inputs], device,
+                                              rounds=3 if quick else 5, min_time=min_time)
+                # per round: step / (K x input-gradient pass + weight pass), then the median over rounds
+                ratios = sorted(s_ / (k * i_ + w_) for s_, w_, i_ in zip(step_ms, w_ms, i_ms))
+                med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+                t, floor = med(step_ms), k * med(i_ms) + med(w_ms)
+                ips = batch / (t / 1e3)
+                lr_ = loader_rate.get(size)
+                rows.append({"case": f"{method} step (K={k})", "size": size, "precision": amp, "batch": batch,
+                             "img_s": ips, "floor_img_s": batch / (floor / 1e3),
+                             "ratio_to_floor": ratios[len(ratios) // 2], "ratio_min": ratios[0],
+                             "ratio_max": ratios[-1], "rounds": len(ratios), "step_ms": t,
+                             "step_min_ms": min(step_ms), "fwd_bwd_weights_ms": med(w_ms),
+                             "fwd_bwd_input_ms": med(i_ms),
+                             "bound": ("data" if lr_ is not None and lr_ < ips else "model")})
+        notes.append(f"model {model_name}, {sum(p.numel() for p in build().parameters()):,} parameters, channels_last; "
+                     f"images from {'a generated folder' if tmp else root} ({len(ds)} JPEGs), RandomResizedCrop + flip")
+        notes.append("loader img/s: decode + augment + collate + copy, the second pass of a persistent "
+                     f"{workers}-worker loader, alone (no training beside it)")
+        notes.append("floor: K x (forward + backward to the input) + 1 x (forward + backward + SGD step) of the same "
+                     "model in plain PyTorch; step / floor: the median over rounds that time the step and the two "
+                     "floor passes in alternation (so load changes hit both), range in ratio_min/ratio_max")
+        notes.append("bound: 'data' when the loader alone is slower than the training step at that size; on a CPU "
+                     "the loader and the step share the same cores, so together they are slower than either alone")
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    columns = [("case", "case", None), ("size", "px", None), ("precision", "precision", None),
+               ("batch", "batch", None), ("img_s", "img/s", "{:.1f}"), ("floor_img_s", "floor img/s", "{:.1f}"),
+               ("ratio_to_floor", "step / floor", "{:.2f}x"), ("ratio_min", "min", "{:.2f}x"),
+               ("ratio_max", "max", "{:.2f}x"), ("bound", "bound", None)]
+    return {"rows": rows, "columns": columns, "notes": notes}
+
+
+def _one_batch(ds, batch, size):
+    from fastadv.data.loader import EpochLoader
+
+    loader = EpochLoader(ds, workers=0)
+    return loader.batches([torch.arange(batch) % len(ds)], "cpu", 0, 0, size=size)

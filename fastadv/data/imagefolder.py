@@ -2,18 +2,25 @@
 
 Classes are the sorted subfolder names (index = position), as in
 torchvision's ``ImageFolder``. Images are decoded with PIL inside
-``torch.utils.data.DataLoader`` worker processes (``loader(...)``), so
-decoding runs beside training. Augmentation, without torchvision:
+``torch.utils.data.DataLoader`` worker processes (``fastadv.data.loader``
+for training, ``loader(...)`` for a plain one), so decoding runs beside
+training. ``load(i, epoch, size, key)`` is a pure function of its
+arguments: the augmentation of sample i in an epoch is the same whichever
+worker, rank or resumed run decodes it, and ``size`` changes per call
+(progressive resizing). Augmentation, without torchvision:
 
 * train: RandomResizedCrop (Szegedy et al. 2015: area fraction in
   [0.08, 1], aspect ratio in [3/4, 4/3], 10 tries, then a center crop) to
   ``size`` and a horizontal flip with probability 1/2;
 * val: resize the shorter side to ``round(size / 0.875)`` (256 for 224) and
-  center-crop ``size``.
+  center-crop ``size``; a JPEG is decoded at reduced scale (PIL ``draft``:
+  1/2, 1/4 or 1/8, DCT scaling) when that still covers the resize, so a
+  held-out set at 128 px does not decode full-size images.
 
 Output: float32 (3, size, size) in [0, 1] (normalisation belongs to the
-model). With NVIDIA DALI installed, :func:`dali_loader` decodes on the GPU
-with the same augmentation.
+model). :func:`dali_loader` is an NVIDIA DALI pipeline of the same kind of
+augmentation (its own random draws, not the per-sample streams above); the
+trainer does not use it.
 """
 from __future__ import annotations
 
@@ -105,21 +112,40 @@ class ImageFolder(torch.utils.data.Dataset):
         """Change the augmentation stream (call once per epoch, before iterating)."""
         self.epoch = int(epoch)
 
-    def _open(self, path):
-        Image = _pil()
-        try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        except Exception as exc:
-            raise DatasetError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from exc
+    def path(self, i: int) -> str:
+        """The file behind sample ``i``."""
+        return self.samples[i][0]
 
     def __getitem__(self, i):
+        return self.load(i, self.epoch, self.size)
+
+    def load(self, i: int, epoch: int, size: int | None = None, key: int | None = None):
+        """Sample ``i`` for ``epoch`` at side ``size`` (default: ``self.size``): a pure function of its arguments.
+
+        The training augmentation draws from ``random.Random`` seeded by
+        (seed, epoch, key), ``key`` defaulting to ``i``: the same crop and flip
+        whichever worker, rank or resume loads it. ``fastadv.data.loader``
+        passes the index of a skipped unreadable image as ``key`` for its
+        replacement, so the replacement does not repeat its own crop.
+        Returns (float32 (3, size, size) in [0, 1], int64 label).
+        """
         path, label = self.samples[i]
-        im = self._open(path)
+        s = self.size if size is None else int(size)
         Image = _pil()
-        s = self.size
+        key = i if key is None else int(key)
+        try:
+            with Image.open(path) as im:
+                if not self.train:
+                    # decode at the eval size: a JPEG is decoded at 1/2, 1/4 or 1/8 scale (DCT scaling)
+                    # when that still leaves the shorter side >= round(s / 0.875)
+                    short = max(s, int(round(s / 0.875)))
+                    r = short / min(im.width, im.height)
+                    im.draft("RGB", (max(1, math.ceil(im.width * r)), max(1, math.ceil(im.height * r))))
+                im = im.convert("RGB")
+        except Exception as exc:
+            raise DatasetError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from exc
         if self.train:
-            rng = random.Random((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+            rng = random.Random((self.seed * 1_000_003 + int(epoch)) * 10_000_019 + key)
             left, top, w, h = random_resized_crop_box(im.width, im.height, rng)
             im = im.resize((s, s), Image.BILINEAR, box=(left, top, left + w, top + h))
             if rng.random() < 0.5:

@@ -75,6 +75,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--synthetic-shape", default="3,32,32", help="synthetic image shape C,H,W")
     g.add_argument("--synthetic-samples", type=int, default=4096)
     g.add_argument("--workers", type=int, default=4, help="decoding processes for imagefolder (default 4)")
+    g.add_argument("--prefetch", type=int, default=2,
+                   help="imagefolder: batches in flight per decoding worker (DataLoader prefetch_factor; default 2)")
+    g.add_argument("--on-bad-image", choices=("skip", "fail"), default="fail",
+                   help="imagefolder: an unreadable image stops the run naming it (fail, default) or is replaced by "
+                        "the next readable one and logged with its path (skip)")
+    g.add_argument("--resize-schedule", metavar="EPOCH:SIZE[@BATCH],...",
+                   help="imagefolder: progressive resizing, e.g. 0:128@512,6:224@224,12:288@128 (0-based epoch: "
+                        "crop size, optional global batch of the phase); the held-out check runs at the last size")
+    g.add_argument("--eval-size", type=int,
+                   help="imagefolder: held-out image size (default: the last --resize-schedule size, else "
+                        "--image-size)")
+    g.add_argument("--recipe", choices=("fast-imagenet", "free-imagenet", "pgd-imagenet"),
+                   help="the papers' ImageNet settings as defaults under the explicit flags "
+                        "(fastadv/train/recipes.py); see them with --dry-run")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the resolved configuration, data size, steps per epoch and the expected checkpoint "
+                        "size, then exit without training")
     m = p.add_argument_group("method")
     m.add_argument("--method", choices=sorted(METHODS), default="pgd", help="training method (default pgd)")
     m.add_argument("--eps", type=float, help="training radius in [0, 1] pixel units (default: by dataset)")
@@ -117,8 +134,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--optimizer", choices=("sgd", "adam"))
     o.add_argument("--lr", type=float, help="peak learning rate")
     o.add_argument("--weight-decay", type=float)
-    o.add_argument("--schedule", choices=("constant", "cyclic", "multistep", "cosine"),
-                   help="default: by dataset; 'cyclic' for --method fast")
+    o.add_argument("--schedule", choices=("constant", "cyclic", "multistep", "cosine", "piecewise"),
+                   help="default: by dataset; 'cyclic' for --method fast; 'piecewise' takes --lr-points")
+    o.add_argument("--lr-points", metavar="EPOCH:LR,...",
+                   help="--schedule piecewise: lr at (fractional) epochs, linear in between, e.g. 0:0,1:0.4,6:0.04")
     o.add_argument("--amp", choices=("bf16", "fp16", "none"), default=None,
                    help="mixed precision (default: bf16 on CUDA GPUs that support it, none on CPU)")
     o.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
@@ -142,6 +161,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after N batches")
+    # what each flag defaults to: --recipe fills a setting whose flag is absent or at its default
+    p.set_defaults(_defaults={a.dest: a.default for a in p._actions if a.dest != "help"})
 
 
 def _pick(args, name, defaults):
@@ -181,15 +202,18 @@ def _load_data(args, d):
     root = pathlib.Path(args.data_dir)
     train_root = root / "train" if (root / "train").is_dir() else root
     val_root = root / "val" if (root / "val").is_dir() else None
+    from fastadv.data.loader import HeldoutImages, parse_schedule
+
     train = FD.ImageFolder(train_root, train=True, size=args.image_size, seed=args.seed)
+    sizes = [p.size for p in parse_schedule(getattr(args, "resize_schedule", None)) if p.size]
+    eval_size = getattr(args, "eval_size", None) or (sizes[-1] if sizes else args.image_size)
     held = None
     if val_root is not None:
-        val = FD.ImageFolder(val_root, train=False, size=args.image_size)
-        k = min(len(val), args.eval_samples or d["eval_samples"] or len(val))
-        idx = torch.linspace(0, len(val) - 1, k).long().tolist()  # spread over the classes
-        items = [val[i] for i in idx]
-        held = (torch.stack([a for a, _ in items]), torch.stack([b for _, b in items]))
-    return train, held, len(train.classes), (3, args.image_size, args.image_size)
+        # decoded when the first evaluation needs it, at the eval size, by --workers processes
+        val = FD.ImageFolder(val_root, train=False, size=eval_size)
+        held = HeldoutImages(val, min(len(val), args.eval_samples or d["eval_samples"] or len(val)),
+                             workers=args.workers)
+    return train, held, len(train.classes), (3, eval_size, eval_size)
 
 
 def parse_method_args(items, cls) -> dict:
@@ -310,6 +334,9 @@ def run(args) -> int:
     from fastadv.train import distributed as D
     from fastadv.train.trainer import TrainConfig, Trainer
 
+    from fastadv.train.recipes import apply_recipe
+
+    apply_recipe(args)
     d = DATASET_DEFAULTS[args.dataset]
     train, held, num_classes, shape = _load_data(args, d)
     if args.train_samples:
@@ -371,7 +398,8 @@ def run(args) -> int:
         eval_steps=_pick(args, "eval_steps", d), eval_samples=None if eval_samples == 0 else eval_samples,
         out_dir=args.out, save_every=args.save_every, resume=args.resume, seed=args.seed,
         progress=not args.no_progress, workers=args.workers, device=args.device, augment=d["augment"],
-        max_steps=args.max_steps,
+        max_steps=args.max_steps, prefetch=args.prefetch, on_bad_image=args.on_bad_image,
+        resize_schedule=args.resize_schedule, lr_points=args.lr_points,
         model_meta={"name": model_name, "num_classes": num_classes, "kwargs": kw,
                     "normalize": d["normalize"] if model_name != "mnist_cnn" else None, "dataset": args.dataset,
                     "input_shape": list(shape), "eps": cfg_eval_eps(args, d),
@@ -379,6 +407,14 @@ def run(args) -> int:
                                  if (ensemble_size or args.members) else None)})
     if args.members is not None:
         return run_boosted(args, build_one, train, held, cfg, method, t0=time.perf_counter())
+    if args.dry_run:
+        from fastadv.train.recipes import dry_run
+
+        dry_run(cfg, net=net, method=method, n_train=len(train[1]) if isinstance(train, tuple) else len(train),
+                n_classes=num_classes, heldout_n=None if held is None else (
+                    held.k if hasattr(held, "k") else int(held[1].shape[0])), input_shape=shape,
+                dataset=args.dataset, recipe=args.recipe)
+        return 0
     t0 = time.perf_counter()
     callbacks = []
     if args.early_stop:
@@ -481,6 +517,7 @@ def final_evaluation(net, held, args, cfg, device, summary) -> str:
 
     from fastadv.evaluation import evaluate
 
+    held = tuple(held)  # the (x, y) pair (a lazily decoded fastadv.data.loader.HeldoutImages decodes here)
     n = args.final_eval_samples or cfg.eval_samples or held[0].shape[0]
     out = pathlib.Path(cfg.out_dir) / "eval" if cfg.out_dir else None
     t = time.perf_counter()

@@ -7,8 +7,10 @@ One loop for a laptop CPU and for many GPUs:
   for the MNIST CNN (0.89 s vs 0.73 s for 10 PGD steps on 128 images, this
   2-core Xeon); ``channels_last`` for conv nets; optional ``torch.compile``;
 * data: in-memory tensors (MNIST, CIFAR-10: batches are index gathers, no
-  DataLoader overhead) or any map-style Dataset (JPEG folders: a DataLoader
-  whose workers decode); the same seeded global permutation on every rank,
+  DataLoader overhead) or any map-style Dataset (JPEG folders: one
+  persistent, pinned DataLoader for the run, ``fastadv.data.loader``, with
+  per-sample augmentation streams and progressive resizing,
+  ``resize_schedule``); the same seeded global permutation on every rank,
   each rank taking its slice of each global batch
   (``fastadv.train.distributed``);
 * DDP through torchrun (NCCL on GPU, gloo on CPU), metrics summed across
@@ -36,6 +38,7 @@ import threading
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,7 +51,7 @@ from fastadv.train.methods import BindContext, Method
 __all__ = ["TrainConfig", "Trainer", "evaluate_accuracy", "make_scheduler", "TensorData", "DatasetData",
            "cifar_augment"]
 
-SCHEDULES = ("constant", "cyclic", "multistep", "cosine")
+SCHEDULES = ("constant", "cyclic", "multistep", "cosine", "piecewise")
 
 
 @dataclasses.dataclass
@@ -60,6 +63,12 @@ class TrainConfig:
     triangle (0 -> lr at 2/5 of the steps -> 0), 'multistep' divides by 10
     at 1/2 and 3/4 of the steps, 'cosine' anneals to 0, 'constant' keeps lr.
     eval_eps/eval_alpha/eval_steps set the held-out PGD (L-inf, random start).
+    resize_schedule ('EPOCH:SIZE[@BATCH],...', 0-based epochs) sets the
+    training image size and the global batch per phase (Dataset data with
+    ``load(i, epoch, size)``, e.g. ``fastadv.data.ImageFolder``); 'piecewise'
+    interpolates the absolute lrs of lr_points ('EPOCH:LR,...') linearly in
+    fractional epochs. workers / prefetch / on_bad_image configure the
+    Dataset loader (``fastadv.data.loader.EpochLoader``).
     """
 
     epochs: int = 1
@@ -86,6 +95,12 @@ class TrainConfig:
     log_every: int = 10
     progress: bool = True
     workers: int = 2
+    prefetch: int = 2  # batches in flight per decoding worker (Dataset data)
+    on_bad_image: str = "fail"  # 'fail' | 'skip': an unreadable image stops the run / is replaced and logged
+    # progressive resizing and per-phase global batch: 'EPOCH:SIZE[@BATCH],...' (fastadv.data.loader.parse_schedule)
+    resize_schedule: str | None = None
+    # schedule 'piecewise': 'EPOCH:LR,...' points (LR absolute), linear in between, on fractional epochs
+    lr_points: str | None = None
     device: str | None = None
     augment: str | None = None  # None | 'crop-flip' (CIFAR: pad-4 random crop + flip on tensors)
     plot: bool = True
@@ -109,11 +124,24 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.augment not in (None, "crop-flip"):
             raise ValueError(f"augment must be None or 'crop-flip', got {self.augment!r}")
+        from fastadv.data.loader import BAD_IMAGE_POLICIES, parse_schedule
+
+        if self.on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"on_bad_image must be 'skip' or 'fail', got {self.on_bad_image!r}")
+        if self.prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1, got {self.prefetch}")
+        parse_schedule(self.resize_schedule)  # raises ValueError naming the bad entry
+        if self.schedule == "piecewise":
+            parse_lr_points(self.lr_points)
+        elif self.lr_points:
+            raise ValueError("lr_points is only used with schedule='piecewise'")
 
 
 # ------------------------------------------------------------------ data
 class TensorData:
     """An in-memory dataset: x float (N, ...) in [0, 1], y int64 (N,). Batches are index gathers."""
+
+    resizable = False
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor):
         if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
@@ -121,41 +149,71 @@ class TensorData:
         if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0]:
             raise ValueError(f"y must be (N,) with N = x.shape[0] = {x.shape[0]}")
         self.x, self.y = x, y.long()
+        self.wait_s = 0.0
 
     def __len__(self):
         return self.x.shape[0]
 
-    def batches(self, index_batches, device, epoch, seed, augment=None):
-        for i, idx in enumerate(index_batches):
+    def batches(self, index_batches, device, epoch, seed, augment=None, *, start=0, size=None, rank=0):
+        """``start``: the position of ``index_batches[0]`` in the epoch (a mid-epoch resume passes the batches
+        already done), so batch k's augmentation stream is the same with or without the interruption."""
+        if size is not None:
+            raise ValueError("in-memory tensors cannot be resized: a resize schedule needs a Dataset with "
+                             "load(i, epoch, size) (fastadv.data.ImageFolder)")
+        for i, idx in enumerate(index_batches, start=start):
+            t = time.perf_counter()
             xb, yb = self.x[idx], self.y[idx]
             if augment == "crop-flip":
                 g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 100_003 + i)
                 xb = cifar_augment(xb, g)
-            yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            self.wait_s += time.perf_counter() - t
+            yield xb, yb
+
+    def epoch_stats(self) -> dict:
+        return {}
 
 
 class DatasetData:
-    """Any map-style Dataset of (image, label); a DataLoader with ``workers`` processes decodes it."""
+    """Any map-style Dataset of (image, label), served by one persistent ``fastadv.data.loader.EpochLoader``.
 
-    def __init__(self, dataset, workers: int = 2, pin_memory: bool = False):
-        self.dataset, self.workers, self.pin_memory = dataset, int(workers), pin_memory
+    ``workers`` decoding processes with ``prefetch`` batches in flight each,
+    pinned host memory for CUDA, ``on_bad_image`` 'skip' | 'fail'. The
+    augmentation of ``fastadv.data.ImageFolder`` is a function of (seed,
+    epoch, sample index) and the workers' global generators are seeded per
+    (seed, epoch, rank, batch position), so a resumed run loads the same
+    images with the same augmentation.
+    """
+
+    def __init__(self, dataset, workers: int = 2, pin_memory: bool = False, *, prefetch: int = 2,
+                 on_bad_image: str = "fail"):
+        from fastadv.data.loader import EpochLoader
+
+        self.dataset = dataset
+        self.loader = EpochLoader(dataset, workers=workers, prefetch=prefetch, pin_memory=pin_memory,
+                                  on_bad_image=on_bad_image)
 
     def __len__(self):
         return len(self.dataset)
 
-    def batches(self, index_batches, device, epoch, seed, augment=None):
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-        lists = [b.tolist() for b in index_batches]
-        if not lists:
-            return
-        # an explicit generator: the loader's base seed must not come from (and
-        # shift) the global RNG, or a mid-epoch resume would diverge
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=lists, num_workers=self.workers,
-                                             pin_memory=self.pin_memory, generator=g)
-        for xb, yb in loader:
-            yield xb.to(device, non_blocking=True), yb.long().to(device, non_blocking=True)
+    @property
+    def resizable(self) -> bool:
+        return self.loader.resizable
+
+    @property
+    def wait_s(self) -> float:
+        return self.loader.wait_s
+
+    def batches(self, index_batches, device, epoch, seed, augment=None, *, start=0, size=None, rank=0):
+        if augment is not None:
+            raise ValueError(f"augment={augment!r} is for in-memory tensors; a Dataset augments itself")
+        yield from self.loader.batches(index_batches, device, epoch, seed, size=size, rank=rank, start=start)
+
+    def epoch_stats(self) -> dict:
+        """Unreadable images skipped so far, over all ranks: {'bad_images': n, 'bad_image_paths': [...]}."""
+        paths = [p for _, p, _ in self.loader.bad]
+        allp = [p for r in D.all_gather_object(paths) for p in r]
+        return {"bad_images": len(allp), "bad_image_paths": sorted(set(allp))} if allp else {"bad_images": 0}
 
 
 def cifar_augment(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -173,7 +231,7 @@ def cifar_augment(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Te
     return out.contiguous()
 
 
-def _as_data(d, workers):
+def _as_data(d, workers, *, prefetch: int = 2, pin_memory: bool = False, on_bad_image: str = "fail"):
     if d is None:
         return None
     if isinstance(d, (TensorData, DatasetData)):
@@ -181,15 +239,57 @@ def _as_data(d, workers):
     if isinstance(d, (tuple, list)) and len(d) == 2 and isinstance(d[0], torch.Tensor):
         return TensorData(d[0], d[1])
     if isinstance(d, torch.utils.data.Dataset):
-        return DatasetData(d, workers)
+        return DatasetData(d, workers, pin_memory, prefetch=prefetch, on_bad_image=on_bad_image)
     raise TypeError("data must be (x, y) tensors, a TensorData/DatasetData, or a map-style torch Dataset")
 
 
 # ------------------------------------------------------------ schedules
-def make_scheduler(optimizer, schedule: str, total_steps: int, warmup_steps: int = 0):
-    """A per-step LambdaLR. Its state dict holds only plain numbers (weights_only-safe)."""
+def parse_lr_points(spec) -> list[tuple[float, float]]:
+    """``'0:0,1:0.4,6:0.04'`` -> [(0.0, 0.0), (1.0, 0.4), (6.0, 0.04)]: (epoch, lr) points, epochs increasing."""
+    pts = []
+    for item in str(spec or "").split(","):
+        ep, sep, lr = item.strip().partition(":")
+        try:
+            pt = (float(ep), float(lr))
+        except ValueError:
+            raise ValueError(f"lr_points entry {item!r}: expected EPOCH:LR, e.g. 0:0,1:0.4,6:0.04") from None
+        if not sep or pt[1] < 0 or (pts and pt[0] <= pts[-1][0]):
+            raise ValueError(f"lr_points {spec!r}: EPOCH:LR entries with increasing epochs and lr >= 0")
+        pts.append(pt)
+    if len(pts) < 2:
+        raise ValueError(f"lr_points {spec!r}: at least two EPOCH:LR points")
+    return pts
+
+
+def make_scheduler(optimizer, schedule: str, total_steps: int, warmup_steps: int = 0, *, lr_points=None,
+                   epoch_steps=None):
+    """A per-step LambdaLR. Its state dict holds only plain numbers (weights_only-safe).
+
+    ``'piecewise'`` (the fast-AT ImageNet recipe's ``np.interp(t, lr_epochs,
+    lr_values)``) needs ``lr_points`` (``parse_lr_points``; absolute lrs,
+    divided here by the optimizer's lr) and ``epoch_steps`` (optimizer steps
+    of each epoch, which progressive batch sizes make unequal); the lr of
+    step k of epoch e is the interpolation at t = e + (k + 1) / steps(e).
+    """
     total = max(1, int(total_steps))
     warm = max(0, int(warmup_steps))
+    if schedule == "piecewise":
+        import bisect
+
+        pts = parse_lr_points(lr_points) if isinstance(lr_points, str) else list(lr_points)
+        base = optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])
+        steps = [max(1, int(s)) for s in (epoch_steps or [total])]
+        starts = [0]
+        for n in steps:
+            starts.append(starts[-1] + n)
+        xs, ys = [p[0] for p in pts], [p[1] / base for p in pts]
+
+        def piecewise(step: int) -> float:
+            e = min(max(bisect.bisect_right(starts, step) - 1, 0), len(steps) - 1)
+            t = e + (step - starts[e] + 1) / steps[e]
+            return float(np.interp(t, xs, ys))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, piecewise)
 
     def factor(step: int) -> float:
         if schedule == "cyclic":
@@ -307,11 +407,20 @@ class Trainer:
         else:
             device = torch.device("cpu")
         self.device = device
-        if self.cfg.batch_size % self.dist.world_size:
-            raise ValueError(f"batch_size {self.cfg.batch_size} must be divisible by the world size {self.dist.world_size}")
-        self.train_data = _as_data(train, self.cfg.workers)
+        from fastadv.data.loader import parse_schedule
+
+        self.phases = parse_schedule(self.cfg.resize_schedule)
+        for b in {self.cfg.batch_size, *(p.batch_size for p in self.phases if p.batch_size)}:
+            if b % self.dist.world_size:
+                raise ValueError(f"batch_size {b} must be divisible by the world size {self.dist.world_size}")
+        self.train_data = _as_data(train, self.cfg.workers, prefetch=self.cfg.prefetch,
+                                   pin_memory=device.type == "cuda", on_bad_image=self.cfg.on_bad_image)
         if self.train_data is None or len(self.train_data) == 0:
             raise ValueError("train data is empty")
+        if any(p.size for p in self.phases) and not getattr(self.train_data, "resizable", False):
+            raise ValueError("resize_schedule sets image sizes, but the training data cannot be resized (in-memory "
+                             "tensors, or a Dataset without load(i, epoch, size)); give batch sizes only "
+                             "('0:@256,...') or use fastadv.data.ImageFolder")
         self.heldout = heldout
         self.callbacks = list(callbacks or [])
         # per-rank stream: random starts and noise are independent across ranks (the model's initial weights
@@ -334,9 +443,12 @@ class Trainer:
         self.method = method
         self.local_batch = self.cfg.batch_size // self.dist.world_size
         n = len(self.train_data)
-        self.steps_per_epoch = n // self.cfg.batch_size
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"batch_size {self.cfg.batch_size} is larger than the training set ({n} samples)")
+        # batches of each epoch (a resize schedule can change the global batch per phase)
+        self.epoch_steps = [n // self.batch_size_at(e) for e in range(self.cfg.epochs)]
+        if min(self.epoch_steps) == 0:
+            big = max(self.batch_size_at(e) for e in range(self.cfg.epochs))
+            raise ValueError(f"batch_size {big} is larger than the training set ({n} samples)")
+        self.steps_per_epoch = self.epoch_steps[0]  # fit() sets it to the current epoch's count
         # bind before the optimizer: a method may add trainable modules (DIAL's domain head) at bind time
         method.bind(BindContext(net=net, model=self.model, attack_net=self.attack_net, device=device,
                                 amp=self.cfg.amp, epochs=self.cfg.epochs, steps_per_epoch=self.steps_per_epoch))
@@ -347,13 +459,27 @@ class Trainer:
                                              weight_decay=self.cfg.weight_decay)
         else:
             self.optimizer = torch.optim.Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        total = self.cfg.epochs * self.steps_per_epoch * method.replays
-        self.scheduler = make_scheduler(self.optimizer, self.cfg.schedule, total, self.cfg.warmup_steps)
+        total = sum(self.epoch_steps) * method.replays
+        self.scheduler = make_scheduler(self.optimizer, self.cfg.schedule, total, self.cfg.warmup_steps,
+                                        lr_points=self.cfg.lr_points,
+                                        epoch_steps=[k * method.replays for k in self.epoch_steps])
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.cfg.amp == "fp16")
         self.out_dir = pathlib.Path(self.cfg.out_dir) if self.cfg.out_dir else None
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
         self.history: list[dict] = []
         self.last_checkpoint: pathlib.Path | None = None
+
+    def batch_size_at(self, epoch: int) -> int:
+        """The global batch of ``epoch`` (its resize-schedule phase's, else ``batch_size``)."""
+        from fastadv.data.loader import phase_at
+
+        return phase_at(self.phases, epoch).batch_size or self.cfg.batch_size
+
+    def image_size_at(self, epoch: int) -> int | None:
+        """The training image side of ``epoch`` (None: the dataset's own)."""
+        from fastadv.data.loader import phase_at
+
+        return phase_at(self.phases, epoch).size
 
     # ----------------------------------------------------------- files
     @property
@@ -393,7 +519,7 @@ class Trainer:
             raise CheckpointError(f"{path}: written by {written} rank(s), this run has {self.dist.world_size}: each "
                                   "rank's random stream and data shard are in the checkpoint, so resume with the same "
                                   "number of ranks")
-        for key in ("batch_size", "epochs", "method"):
+        for key in ("batch_size", "epochs", "method", "resize_schedule"):
             mine = self.config_dict().get(key)
             if key in old and old[key] != mine:
                 raise CheckpointError(f"{path}: the checkpoint was written with {key}={old[key]!r}, this run has "
@@ -436,6 +562,7 @@ class Trainer:
         if record.get("type") == "epoch":
             path = self.out_dir / "metrics.csv"
             fields = ["epoch", "step", "train_loss", "train_acc", "clean_acc", "robust_acc", "lr", "epoch_time_s",
+                      "data_wait_s",
                       "images_per_s"]
             new = not path.exists()
             with open(path, "a", newline="") as f:
@@ -447,7 +574,8 @@ class Trainer:
     # ------------------------------------------------------------ train
     def _index_batches(self, epoch: int) -> list[torch.Tensor]:
         order = D.global_permutation(len(self.train_data), self.cfg.seed, epoch)
-        return D.shard_indices(order, self.cfg.batch_size, self.dist.rank, self.dist.world_size, drop_last=True)
+        return D.shard_indices(order, self.batch_size_at(epoch), self.dist.rank, self.dist.world_size,
+                               drop_last=True)
 
     def _train_step(self, x, y):
         cfg = self.cfg
@@ -503,7 +631,14 @@ class Trainer:
                 epoch = self.epoch
                 self.method.on_epoch(epoch, cfg.epochs)
                 batches = self._index_batches(epoch)
+                self.steps_per_epoch = len(batches)
+                size = self.image_size_at(epoch)
+                if self.is_main and self.phases and cfg.progress and (epoch == 0 or self.batch_in_epoch or any(
+                        p.epoch == epoch for p in self.phases)):
+                    print(f"epoch {epoch + 1}: images {size or 'as the dataset'} px, global batch "
+                          f"{self.batch_size_at(epoch)}, {len(batches)} steps", file=sys.stderr)
                 skip = self.batch_in_epoch
+                wait0 = getattr(self.train_data, "wait_s", 0.0)
                 sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss*n, correct, n
                 bar = None
                 if cfg.progress and self.is_main:
@@ -513,8 +648,9 @@ class Trainer:
                                unit="batch", dynamic_ncols=True, leave=True, file=sys.stderr)
                 t0 = time.perf_counter()
                 seen = 0
-                total_steps = cfg.epochs * self.steps_per_epoch * self.method.replays
-                for x, y in self.train_data.batches(batches[skip:], self.device, epoch, cfg.seed, cfg.augment):
+                total_steps = sum(self.epoch_steps) * self.method.replays
+                for x, y in self.train_data.batches(batches[skip:], self.device, epoch, cfg.seed, cfg.augment,
+                                                    start=skip, size=size, rank=self.dist.rank):
                     self.method.on_step(self.step, total_steps)
                     loss, correct, n = self._train_step(x, y)
                     self.step += self.method.replays
@@ -556,9 +692,19 @@ class Trainer:
                 D.all_reduce_sum(sums)
                 ev = self._evaluate(epoch)
                 total_n = max(sums[2].item(), 1.0)
+                # seconds this rank's loop waited for batches (the largest over ranks: the slowest sets the pace)
+                wait = torch.tensor([getattr(self.train_data, "wait_s", 0.0) - wait0], dtype=torch.float64)
+                if self.dist.distributed:
+                    wait = wait.to(self.device)
+                    torch.distributed.all_reduce(wait, op=torch.distributed.ReduceOp.MAX)
+                data_wait = float(wait.item())
                 record = {"type": "epoch", "epoch": epoch, "step": self.step, "train_loss": sums[0].item() / total_n,
                           "train_acc": sums[1].item() / total_n, "lr": self.optimizer.param_groups[0]["lr"],
-                          "epoch_time_s": epoch_time, "images_per_s": seen / max(epoch_time, 1e-9), **ev}
+                          "epoch_time_s": epoch_time, "images_per_s": seen / max(epoch_time, 1e-9),
+                          "data_wait_s": data_wait,
+                          "bound": "data" if data_wait > 0.1 * epoch_time else "model",
+                          "image_size": size, "batch_size": self.batch_size_at(epoch), **ev}
+                record.update(self.train_data.epoch_stats())
                 extra = self.method.epoch_metrics()
                 clash = set(extra) & set(record)
                 if clash:
@@ -567,7 +713,11 @@ class Trainer:
                 self.history.append(record)
                 self._log(record)
                 if self.is_main and cfg.progress:
-                    msg = f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f}"
+                    msg = (f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f} | "
+                           f"{record['images_per_s']:.0f} img/s, waited {data_wait:.1f} s of {epoch_time:.1f} s for "
+                           f"data: {record['bound']}-bound")
+                    if record.get("bad_images"):
+                        msg += f" | {record['bad_images']} unreadable image(s) skipped so far"
                     if ev:
                         msg += (f" | held-out clean {ev['clean_acc']:.4f} PGD-{cfg.eval_steps} "
                                 f"(eps {cfg.eval_eps:g}) {ev['robust_acc']:.4f}")
