@@ -241,3 +241,41 @@ def test_pgd_at_beats_standard_training_on_real_mnist(mnist_dir, tmp_path):
     assert std["clean_acc"] > 0.85  # both learned the task
     assert adv["clean_acc"] > 0.6
     assert adv["robust_acc"] > std["robust_acc"] + 0.2, (std, adv)
+
+
+def test_diverged_loss_stops_the_run_naming_the_step():
+    from fastadv.train.methods import Method, StepOutput
+    from fastadv.train.trainer import TrainConfig, Trainer
+
+    class Diverges(Method):
+        name = "diverges"
+
+        def loss(self, x, y):
+            logits = self.forward(x)
+            bad = self.step >= 2  # steps 0 and 1 are finite, the third is NaN
+            loss = torch.nn.functional.cross_entropy(logits, y) * (float("nan") if bad else 1.0)
+            return StepOutput(loss, logits, y)
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    x, y = torch.rand(40, 1, 4, 4), torch.arange(40) % 3
+    cfg = TrainConfig(epochs=1, batch_size=8, progress=False, plot=False, eval_samples=None)
+    with pytest.raises(FloatingPointError, match="diverges: the training loss is nan at epoch 1, step 3"):
+        Trainer(net, Diverges(), (x, y), None, cfg).fit()
+
+
+def test_methods_remove_their_hooks_when_training_ends():
+    # DIAL/AFD tap the features with a persistent hook; a hook left on the trained model would (rightly)
+    # make the evaluation's dynamic check call it suspicious
+    from fastadv.models import get_model
+    from fastadv.train.methods import get_method
+    from fastadv.train.trainer import TrainConfig, Trainer
+
+    for name in ("dial", "afd"):
+        torch.manual_seed(0)
+        net = get_model("mnist_cnn", 10, width=0.125)
+        x, y = torch.rand(16, 1, 28, 28), torch.arange(16) % 10
+        cfg = TrainConfig(epochs=1, batch_size=8, progress=False, plot=False, eval_samples=None)
+        Trainer(net, get_method(name, eps=0.1, steps=2), (x, y), None, cfg).fit()
+        hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in net.modules())
+        assert hooks == 0, name

@@ -313,6 +313,11 @@ class AFD(Method):
         return {"afd_critic_loss": ld / nb, "afd_encoder_loss": le / nb, "afd_d_clean": dc / nb, "afd_d_adv": da / nb,
                 "afd_adv_acc": corr / n, "afd_adv_frac": nadv / n}
 
+    def release(self):
+        """Remove the feature tap's hook from the network (training is over)."""
+        if getattr(self, "_tap", None) is not None:
+            self._tap.remove()
+
     def state_dict(self) -> dict:
         if self._critic is None:
             return dict(self._pending_state or {})

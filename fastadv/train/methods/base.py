@@ -161,6 +161,11 @@ class Method:
     def after_step(self) -> None:
         """Called after each optimizer (and scheduler) step."""
 
+    def release(self) -> None:
+        """Called when training ends: remove what the method attached to the network (forward hooks), so
+        the trained model is a plain function again (a hook left on it makes the evaluation's dynamic check
+        flag the model, rightly)."""
+
     def extra_modules(self) -> list:
         """Trainable modules of the method itself (not the network), trained by the trainer's optimizer."""
         return []

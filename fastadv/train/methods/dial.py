@@ -185,6 +185,11 @@ class DIAL(Method):
         """The domain classifier (None before ``bind``)."""
         return self._head
 
+    def release(self):
+        """Remove the feature tap's hook from the network (training is over)."""
+        if getattr(self, "_tap", None) is not None:
+            self._tap.remove()
+
     def extra_modules(self) -> list:
         return [] if self._head is None else [self._head]
 
