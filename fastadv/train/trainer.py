@@ -359,6 +359,17 @@ def _autocast(device, amp):
     return torch.autocast(device_type=dev, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+def _to_cpu(obj):
+    """``obj`` with every tensor moved to the CPU (what all_gather_object pickles, on any backend)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
 # ------------------------------------------------------------------ loop
 class _Sigterm:
     """Turns SIGTERM into a flag the loop polls between steps (main thread only)."""
@@ -501,11 +512,13 @@ class Trainer:
         if path is None:
             return None
         ranks_rng = D.all_gather_object(rng_state())  # every rank's stream, so a resume continues each
+        # every rank's method state too: Free-AT's perturbation, counters and the like are per rank
+        ranks_method = D.all_gather_object(_to_cpu(self.method.state_dict())) if self.dist.distributed else None
         if self.is_main:
             save_checkpoint(path, model=self.net, optimizer=self.optimizer, scheduler=self.scheduler,
                             scaler=self.scaler, method_state=self.method.state_dict(), epoch=self.epoch,
                             step=self.step, batch_in_epoch=self.batch_in_epoch, config=self.config_dict(),
-                            extra={"rng_ranks": ranks_rng})
+                            extra={"rng_ranks": ranks_rng, "method_ranks": ranks_method})
         D.barrier()
         self.last_checkpoint = path
         return path
@@ -534,7 +547,8 @@ class Trainer:
             self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler") is not None:
             self.scaler.load_state_dict(ckpt["scaler"])
-        self.method.load_state_dict(ckpt.get("method", {}))
+        ranks_method = (ckpt.get("extra") or {}).get("method_ranks")
+        self.method.load_state_dict(ranks_method[self.dist.rank] if ranks_method else ckpt.get("method", {}))
         set_rng_state(ranks_rng[self.dist.rank] if ranks_rng else ckpt["rng"])
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
         self.batch_in_epoch = int(ckpt.get("batch_in_epoch", 0))
