@@ -47,9 +47,10 @@ TORCH_LIBRARY(fastadv, m) {
   // Returns the KL-form potentials f (B, n), g (B, m), iterations (B,) int32
   // and the final row-marginal error ||P 1 - a||_1 (B,).
   m.def("sinkhorn(Tensor a, Tensor b, Tensor cost, float reg, int max_iter, float tol) -> (Tensor, Tensor, Tensor, Tensor)");
-  // x, x0 (B, C, H, W) contiguous float32 | float64, eps (B,) in x's dtype.
+  // x, x0 (B, C, H, W) contiguous float32 | float64, eps (B,) in x's dtype;
+  // upper: the box 0 <= z <= upper (+inf: the ball only).
   // Returns z (B, C, H, W), iterations (B,) int32, residual (B,), psi (B,).
-  m.def("wasserstein_project(Tensor x, Tensor x0, Tensor eps, int kernel_size, float p, float reg, int max_iter, float tol) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("wasserstein_project(Tensor x, Tensor x0, Tensor eps, int kernel_size, float p, float reg, int max_iter, float tol, float upper) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 }  // namespace fastadv

@@ -6,6 +6,8 @@ so their fake kernels check shapes and return None.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastadv import _ext
@@ -44,7 +46,7 @@ def _fake_sinkhorn(a, b, cost, reg, max_iter, tol):
     )
 
 
-def _fake_wasserstein_project(x, x0, eps, kernel_size, p, reg, max_iter, tol):
+def _fake_wasserstein_project(x, x0, eps, kernel_size, p, reg, max_iter, tol, upper=math.inf):
     torch._check(x.dim() == 4 and x0.shape == x.shape, lambda: "wasserstein_project: x, x0 (B, C, H, W)")
     bsz = x.shape[0]
     return (

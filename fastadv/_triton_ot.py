@@ -9,6 +9,8 @@ n, m <= 128, streamed in 64 x 64 tiles from global memory above that) and
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.library import triton_op, wrap_triton
 
@@ -39,9 +41,10 @@ _dispatch.register("sinkhorn", "triton", _run_sinkhorn)
 
 @triton_op("fastadv::triton_wasserstein_project", mutates_args=())
 def triton_wasserstein_project(
-    x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, kernel_size: int, p: float, reg: float, max_iter: int, tol: float
+    x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, kernel_size: int, p: float, reg: float, max_iter: int, tol: float,
+    upper: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _ws.wasserstein_project_triton(x, x0, eps, kernel_size, p, reg, max_iter, tol, _wrap=wrap_triton)
+    return _ws.wasserstein_project_triton(x, x0, eps, kernel_size, p, reg, max_iter, tol, upper, _wrap=wrap_triton)
 
 
 # The same fake as the C++ op. triton_op's own fake runs the body under
@@ -51,15 +54,15 @@ def triton_wasserstein_project(
 triton_wasserstein_project.register_fake(_fake_wasserstein_project)
 
 
-def _run_wasserstein_project(x, x0, eps, kernel_size, p, reg, max_iter, tol):
+def _run_wasserstein_project(x, x0, eps, kernel_size, p, reg, max_iter, tol, upper=math.inf):
     reasons = _ws.supported(x)
     if reasons:  # the dispatcher checks device and dtype; the size limit is the kernel's
         if _dispatch.forced_backend() == "triton":
             raise _dispatch.BackendUnavailable(
                 "fastadv: backend 'triton' was forced but cannot run wasserstein_project:\n  - " + reasons[0]
             )
-        return _dispatch.impl("wasserstein_project", "ref")(x, x0, eps, kernel_size, p, reg, max_iter, tol)
-    return torch.ops.fastadv.triton_wasserstein_project(x, x0, eps, kernel_size, p, reg, max_iter, tol)
+        return _dispatch.impl("wasserstein_project", "ref")(x, x0, eps, kernel_size, p, reg, max_iter, tol, upper)
+    return torch.ops.fastadv.triton_wasserstein_project(x, x0, eps, kernel_size, p, reg, max_iter, tol, upper)
 
 
 _dispatch.register("wasserstein_project", "triton", _run_wasserstein_project)

@@ -29,11 +29,19 @@ def _ref_sinkhorn(a, b, cost, reg, max_iter, tol):
     return r.f, r.g, r.iterations, r.residual
 
 
-def _ref_project(x, x0, eps, kernel_size, p, reg, max_iter, tol):
+# The projection's backends take (x, x0, eps, kernel_size, p, reg, max_iter, tol[, upper]):
+# upper (float, +inf = no box) is passed only when the box is asked for, so a backend
+# registered before the box existed still serves every call without one.
+def _ref_project(x, x0, eps, kernel_size, p, reg, max_iter, tol, upper=math.inf):
     r = ref.wasserstein_project(
-        x, x0, eps, kernel_size=kernel_size, p=p, reg=reg, max_iter=max_iter, tol=tol, return_info=True
+        x, x0, eps, kernel_size=kernel_size, p=p, reg=reg, max_iter=max_iter, tol=tol,
+        upper=None if math.isinf(upper) else upper, return_info=True,
     )
     return r.z, r.iterations, r.residual, r.psi
+
+
+def _cpp_project(x, x0, eps, kernel_size, p, reg, max_iter, tol, upper=math.inf):
+    return torch.ops.fastadv.wasserstein_project(x, x0, eps, kernel_size, p, reg, max_iter, tol, upper)
 
 
 def _compiled(name):
@@ -46,7 +54,7 @@ def _compiled(name):
 _dispatch.register("sinkhorn", "ref", _ref_sinkhorn)
 _dispatch.register("sinkhorn", "cpp", _compiled("sinkhorn"))
 _dispatch.register("wasserstein_project", "ref", _ref_project)
-_dispatch.register("wasserstein_project", "cpp", _compiled("wasserstein_project"))
+_dispatch.register("wasserstein_project", "cpp", _cpp_project)
 
 
 def _compute_dtype(dtype):
@@ -218,7 +226,7 @@ def sinkhorn(
 
 
 # ---------------------------------------------------- Wasserstein projection
-def _project_impl(x, x0, eps, *, kernel_size=5, p=2, reg=1000.0, max_iter=50, tol=1e-4):
+def _project_impl(x, x0, eps, *, kernel_size=5, p=2, reg=1000.0, max_iter=50, tol=1e-4, upper=None):
     """Validated call of the projection op; returns ``ref.ProjectionResult`` (z, iterations, residual, psi)."""
     V.tensor("x", x)
     V.same("x0", x0, "x", x)
@@ -231,8 +239,16 @@ def _project_impl(x, x0, eps, *, kernel_size=5, p=2, reg=1000.0, max_iter=50, to
     reg = _positive("reg", reg)
     max_iter = _count("max_iter", max_iter, 1)
     tol = _positive("tol", tol, allow_zero=True)
+    if upper is not None:
+        upper = _positive("upper", upper)
     bsz = x.shape[0]
-    eps_t = V.per_sample("eps", eps, bsz, x.device)
+    eps_t = V.per_sample("eps", eps, bsz, x.device)  # validated; float32
+    if x.dtype == torch.float64:  # float64 computes with eps unrounded (float32 moved psi by 1e-9 relative)
+        if isinstance(eps, torch.Tensor):
+            eps64 = eps.to(device=x.device, dtype=torch.float64)
+        else:
+            eps64 = torch.tensor(float(eps), dtype=torch.float64, device=x.device)
+        eps_t = eps64.reshape(-1).expand(bsz).contiguous()
     V.no_nan("x", x)
     V.no_nan("x0", x0)
     if V.value_checks_enabled() and x0.numel():
@@ -240,6 +256,11 @@ def _project_impl(x, x0, eps, *, kernel_size=5, p=2, reg=1000.0, max_iter=50, to
             raise ValueError(f"x0 must be nonnegative (pixel mass), got a minimum of {x0.min().item():g}")
         if (x0.reshape(bsz, -1).sum(1) <= 0).any():
             raise ValueError("x0 must have positive total mass in every sample (an all-zero image has no distribution)")
+        if upper is not None and (x0 > upper).any():
+            raise ValueError(
+                f"x0 must lie in the box [0, upper] = [0, {upper:g}] (then x0 itself is a feasible point), "
+                f"got a maximum of {x0.max().item():g}"
+            )
     shape4 = x.shape if x.dim() == 4 else (bsz, 1, *x.shape[1:])
     cd = _compute_dtype(x.dtype)
     xc = x.reshape(shape4).to(cd).contiguous()
@@ -250,27 +271,38 @@ def _project_impl(x, x0, eps, *, kernel_size=5, p=2, reg=1000.0, max_iter=50, to
         return ref.ProjectionResult(z, zeros, torch.zeros(bsz, dtype=cd, device=x.device), torch.zeros(bsz, dtype=cd, device=x.device))
     with torch.no_grad():
         backend = _dispatch.choose("wasserstein_project", [xc, x0c])
+        box = () if upper is None else (upper,)
         z, it, res, psi = _dispatch.impl("wasserstein_project", backend)(
-            xc, x0c, eps_t.to(cd), kernel_size, p, reg, max_iter, tol
+            xc, x0c, eps_t.to(cd), kernel_size, p, reg, max_iter, tol, *box
         )
         out = torch.empty_like(x)  # keeps x's layout (channels_last stays channels_last)
         out.copy_(z.reshape(x.shape))
     return ref.ProjectionResult(out, it, res, psi)
 
 
-def wasserstein_project(x, x0, eps, *, kernel_size=5, p=2, reg=1000.0, max_iter=50, tol=1e-4, return_iterations=False):
-    """Projection onto a local Wasserstein ball by projected Sinkhorn iterations.
+def wasserstein_project(x, x0, eps, *, kernel_size=5, p=2, reg=1000.0, max_iter=50, tol=1e-4, upper=None,
+                        return_iterations=False):
+    """Projection onto a local Wasserstein ball (optionally intersected with a box) by projected Sinkhorn.
 
     Wong, Schmidt & Kolter 2019, "Wasserstein Adversarial Examples via
     Projected Sinkhorn Iterations" (ICML). For each sample, with x0 and x
     divided by the total mass of x0 (over C x H x W):
 
         z = argmin_z 1/2 ||x - z||^2 + (1/reg) sum Pi log Pi
-            s.t. Pi 1 = x0, Pi^T 1 = z, <Pi, C> <= eps
+            s.t. Pi 1 = x0, Pi^T 1 = z, <Pi, C> <= eps  [, 0 <= z <= upper / mass(x0)]
 
     where Pi moves mass only within a channel and inside a k x k window, at
     cost ||(di, dj)||_2^p. The result is z times the mass of x0, so it keeps
-    x0's total mass and is nonnegative (it may exceed 1: clamp it yourself).
+    x0's total mass and is nonnegative. With ``upper=None`` (the paper's
+    projection) it may exceed 1; with ``upper=1.0`` it is the projection onto
+    the ball intersected with the image box [0, 1]: every value <= upper
+    exactly, and no clamp is needed afterwards (a clamp would cut mass and
+    leave the ball). The box changes only the column update (a pixel whose
+    unconstrained value would pass u = upper / mass takes u, its potential
+    log u - log s_j); docs/sinkhorn.md has the derivation. Not in the paper
+    nor in its code (which clamps after projecting). With the box the
+    iterations converge more slowly where a capped pixel is also at the bound
+    in x0 (x0 = upper: MNIST strokes): check the iteration counts.
     The dual is solved with the paper's alternating potential updates (the
     second through Lambert W, evaluated in the log domain) and a safeguarded
     Newton step on the constraint multiplier; each sample stops on its own
@@ -287,6 +319,8 @@ def wasserstein_project(x, x0, eps, *, kernel_size=5, p=2, reg=1000.0, max_iter=
         kernel_size: odd window size (default 5). p: cost exponent (default 2).
         reg: lam, the entropy weight is 1/lam (default 1000, as in the paper).
         max_iter: iteration cap per sample (default 50). tol: default 1e-4.
+        upper: None (default: the ball only) or a float > 0, the box's upper end
+            (x0 must be <= upper: x0 is then a feasible point).
         return_iterations: also return the (B,) int32 iterations per sample.
     Returns:
         z with x's shape, dtype and layout; or (z, iterations).
@@ -295,5 +329,5 @@ def wasserstein_project(x, x0, eps, *, kernel_size=5, p=2, reg=1000.0, max_iter=
         >>> x0 = torch.rand(8, 1, 28, 28); x = (x0 + 0.1 * torch.randn_like(x0)).clamp(0, 1)
         >>> z = fastadv.ops.wasserstein_project(x, x0, 0.5)
     """
-    r = _project_impl(x, x0, eps, kernel_size=kernel_size, p=p, reg=reg, max_iter=max_iter, tol=tol)
+    r = _project_impl(x, x0, eps, kernel_size=kernel_size, p=p, reg=reg, max_iter=max_iter, tol=tol, upper=upper)
     return (r.z, r.iterations) if return_iterations else r.z

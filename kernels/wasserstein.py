@@ -11,7 +11,9 @@ it line by line:
             same LSE (no extra exp);
     pass B: s_j = LSE_d(alpha_{j+d} - psi C_d - 1), W = W(lam e^{s_j} e^{lam w_j})
             in the log domain (4 Fritsch steps, third order as Halley's),
-            beta_j = lam w_j - W, z_j = W / lam, and the plan's cost moments
+            beta_j = lam w_j - W, z_j = W / lam; with the box (``upper`` finite),
+            z_j > u = upper / mass becomes z_j = u, beta_j = log u - s_j (the
+            derivation is in fastadv.reference.ot); and the plan's cost moments
             sum_d C_d Pi_dj = z_j (sum_d C_d e_d) / (sum_d e_d) from the same exps;
     psi:    safeguarded Newton step (step halved up to 7 times to keep psi >= 0);
     stop:   max(||Pi 1 - x0||_1, relative constraint error) <= tol, per sample.
@@ -35,6 +37,8 @@ per-pixel work is float32. Images up to ``MAX_ELEMS`` = 4096 values
 (28x28 = 784 and 3x32x32 = 3072 fit); larger ones go to the other backends.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -99,12 +103,13 @@ def _lambertw_exp(L0):
 
 @triton.jit
 def _wasserstein_project_kernel(x_ptr, x0_ptr, eps_ptr, cost_ptr, z_ptr, it_ptr, res_ptr, psi_ptr, sa_ptr, sb_ptr,
-                                H, W, N, lam, max_iter, tol, K: tl.constexpr, BLOCK: tl.constexpr):
+                                H, W, N, lam, max_iter, tol, upper, K: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     base = pid * N
     # scalars to fixed types in the kernel (Inductor may pass float64 or float32)
     lam64 = tl.full([], lam, tl.float64)
     tol64 = tl.full([], tol, tl.float64)
+    upper64 = tl.full([], upper, tl.float64)  # +inf: no box (the selects below never fire, min(z, inf) = z)
     eps = tl.load(eps_ptr + pid).to(tl.float64)
     idx = tl.arange(0, BLOCK)
     inb = idx < N
@@ -122,6 +127,8 @@ def _wasserstein_project_kernel(x_ptr, x0_ptr, eps_ptr, cost_ptr, z_ptr, it_ptr,
     a = tl.where(la > -1e29, tl.exp(la), 0.0)
     zn = a64.to(tl.float32)
     log_lam = tl.log(lam64).to(tl.float32)
+    u = (upper64 * inv_mass).to(tl.float32)  # the box in normalized units
+    log_u = tl.log(u)  # float32, as the per-pixel work (C++: the float64 log, rounded)
     lamf = lam64.to(tl.float32)
     sa = sa_ptr + base
     sb = sb_ptr + base
@@ -143,8 +150,10 @@ def _wasserstein_project_kernel(x_ptr, x0_ptr, eps_ptr, cost_ptr, z_ptr, it_ptr,
         # pass B: beta update by Lambert W, z, and the plan's cost moments
         lse, s, s1, s2 = _window_lse(sa, idx, yy, xx, H, W, inb, cost_ptr, psi, K, True)
         wz = _lambertw_exp(log_lam + lse + wl)
-        tl.store(sb + idx, wl - wz, mask=inb)
-        zn = wz / lamf
+        zfree = wz / lamf
+        cap = zfree > u  # column root above the box: z_j = u, beta_j = log u - log s_j
+        tl.store(sb + idx, tl.where(cap, log_u - lse, wl - wz), mask=inb)
+        zn = tl.where(cap, u, zfree)
         inv_s = 1.0 / s
         c1 = tl.sum(tl.where(inb, zn * s1 * inv_s, 0.0), 0).to(tl.float64)
         c2 = tl.sum(tl.where(inb, zn * s2 * inv_s, 0.0), 0).to(tl.float64)
@@ -158,7 +167,8 @@ def _wasserstein_project_kernel(x_ptr, x0_ptr, eps_ptr, cost_ptr, z_ptr, it_ptr,
         psi = tl.maximum(psi + step, 0.0)
         res = tl.maximum(marg, cres)
         it += 1
-    z = tl.where(run, (zn.to(tl.float64) * mass).to(tl.float32), x0)
+    # z <= u; the minimum only undoes the rounding of u * mass (upper is a float32 argument: exact in float32)
+    z = tl.where(run, tl.minimum((zn.to(tl.float64) * mass).to(tl.float32), upper64.to(tl.float32)), x0)
     tl.store(z_ptr + base + idx, z, mask=inb)
     tl.store(it_ptr + pid, it)
     tl.store(res_ptr + pid, res.to(tl.float32))
@@ -177,8 +187,8 @@ def num_warps_for(block: int) -> int:
     return min(16, max(4, block // 256))
 
 
-def wasserstein_project_triton(x, x0, eps, kernel_size, p, reg, max_iter, tol, *, _wrap=lambda k: k):
-    """x, x0 (B, C, H, W) float32 contiguous, eps (B,) float32 -> (z, iterations int32, residual, psi)."""
+def wasserstein_project_triton(x, x0, eps, kernel_size, p, reg, max_iter, tol, upper=math.inf, *, _wrap=lambda k: k):
+    """x, x0 (B, C, H, W) float32 contiguous, eps (B,) float32, upper (+inf: no box) -> (z, iterations int32, residual, psi)."""
     from fastadv.reference.ot import local_cost
 
     bsz, ch, h, w = x.shape
@@ -195,7 +205,7 @@ def wasserstein_project_triton(x, x0, eps, kernel_size, p, reg, max_iter, tol, *
     block = max(16, triton.next_power_of_2(n))
     _wrap(_wasserstein_project_kernel)[(bsz,)](
         x, x0, eps, cost, z, it, res, psi, scratch_a, scratch_b,
-        h, w, n, float(reg), int(max_iter), float(tol),
+        h, w, n, float(reg), int(max_iter), float(tol), float(upper),
         K=int(kernel_size), BLOCK=block, num_warps=num_warps_for(block),
     )
     return z, it, res, psi

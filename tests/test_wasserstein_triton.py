@@ -100,6 +100,65 @@ def test_triton_matches_cpp_and_float64_reference(shape, k, reg, tol, eps):
         _compare(tr, cp, zmax=zmax, tol=tol, name="triton vs cpp")
 
 
+# the box 0 <= z <= 1 (upper): (shape, kernel_size, reg, tol, eps); measured counts [10, 8] and [15, 9],
+# 1-3 pixels capped per sample. Through the launcher (the registered op takes no upper yet).
+BOX = [((2, 1, 5, 5), 3, 10.0, 1e-3, [0.05, 0.5]), ((2, 1, 6, 6), 5, 50.0, 1e-2, [0.05, 0.5])]
+
+
+@pytest.mark.parametrize("shape,k,reg,tol,eps", BOX, ids=["1x5x5-k3", "1x6x6-k5"])
+def test_triton_box_matches_cpp_and_float64_reference(shape, k, reg, tol, eps):
+    from fastadv.kernels.wasserstein import wasserstein_project_triton
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(shape, generator=g, dtype=torch.float64)
+    x0[x0 < 0.3] = 0
+    x0[x0 > 0.8] = 1.0  # saturated pixels, pushed above 1 by x
+    x = (x0 + 0.6 * torch.randn(x0.shape, generator=g, dtype=torch.float64)).clamp(0, 1.5)
+    e = torch.tensor(eps, dtype=torch.float64)
+    tr = R.ProjectionResult(*wasserstein_project_triton(x.float().to(DEV), x0.float().to(DEV), e.float().to(DEV), k, 2.0,
+                                                        reg, 30, tol, 1.0))
+    kw = dict(kernel_size=k, reg=reg, max_iter=30, tol=tol)
+    ref = R.wasserstein_project(x, x0, e, upper=1.0, upcast=torch.float64, return_info=True, **kw)
+    free = R.wasserstein_project(x, x0, e, upcast=torch.float64, return_info=True, **kw)
+    assert ((ref.z >= 1 - 1e-9).flatten(1).sum(1) > 0).all() and (free.z > 1).flatten(1).any(1).all()  # box active
+    assert torch.isfinite(tr.z).all() and tr.z.max().item() <= 1.0 and tr.z.min().item() >= 0  # in the box exactly
+    assert (tr.residual.cpu() <= tol).all()
+    zmax = ref.z.abs().max().item()
+    _compare(tr, ref, zmax=zmax, tol=tol, name="triton box vs float64 reference")
+    if HAS_CPP:
+        with fastadv.use_backend("cpp"):
+            cp = O._project_impl(x.float(), x0.float(), e.float(), upper=1.0, **kw)
+        _compare(tr, cp, zmax=zmax, tol=tol, name="triton box vs cpp")
+    # upper = +inf is the ball projection: the launcher's default
+    inf = R.ProjectionResult(*wasserstein_project_triton(x.float().to(DEV), x0.float().to(DEV), e.float().to(DEV), k, 2.0,
+                                                         reg, 30, tol))
+    _compare(inf, free, zmax=free.z.abs().max().item(), tol=tol, name="triton upper=inf vs reference without box")
+
+
+def _triton_op_takes_upper() -> bool:
+    import inspect
+
+    import fastadv._triton_ot as T
+
+    return "upper" in inspect.signature(T._run_wasserstein_project).parameters
+
+
+def test_triton_box_through_ops():
+    """The public op with upper= on the triton backend (needs fastadv/_triton_ot.py to pass upper through)."""
+    if not _triton_op_takes_upper():
+        pytest.skip("fastadv/_triton_ot.py does not pass upper to the kernel yet (the launcher does: tested above)")
+    x, x0 = _images(2, 1, 5, 5, seed=0)
+    x0[x0 > 0.8] = 1.0
+    x = (x0 + 0.6 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)).clamp(0, 1.5)
+    e = torch.tensor([0.05, 0.5])
+    kw = dict(kernel_size=3, reg=10.0, max_iter=30, tol=1e-3, upper=1.0)
+    with fastadv.use_backend("triton"):
+        z, it = ops.wasserstein_project(x.float().to(DEV), x0.float().to(DEV), e.to(DEV), return_iterations=True, **kw)
+    ref = R.wasserstein_project(x, x0, e.double(), upcast=torch.float64, return_info=True, **{k: v for k, v in kw.items()})
+    assert z.max().item() <= 1.0 and (it.cpu() - ref.iterations).abs().max() <= 1
+    torch.testing.assert_close(z.cpu().double(), ref.z, rtol=0, atol=10 * 1e-3 * ref.z.abs().max().item())
+
+
 def test_triton_not_converged_returns_last_iterate():
     """lam = 1000 (the paper's), cut at max_iter = 6: every sample returns iterate 6, as the reference."""
     x, x0 = _images(2, 3, 5, 7, seed=3)
@@ -149,6 +208,8 @@ def test_opcheck_triton_wasserstein_project():
     x, x0 = _images(2, 1, 4, 4, seed=7)
     args = (x.float().to(DEV), x0.float().to(DEV), torch.tensor([0.1, 0.0], device=DEV), 3, 2.0, 10.0, 2, 1e-3)
     assert not _dispatch.not_supported_reasons("wasserstein_project", "triton", [args[0]])  # loads fastadv._triton_ot
+    if _triton_op_takes_upper():  # the schema with the box's upper (fastadv/_triton_ot.py)
+        args = args + (1.0,)
     op = torch.ops.fastadv.triton_wasserstein_project
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     if DEV == "cuda":
@@ -159,13 +220,20 @@ def test_opcheck_triton_wasserstein_project():
 _LOWERING = """
 Wm = load("wasserstein")
 types = ["*fp32", "*fp32", "*fp32", "*fp64", "*fp32", "*i32", "*fp32", "*fp32", "*fp32", "*fp32",
-         "i32", "i32", "i32", "fp32", "i32", "fp32"]
+         "i32", "i32", "i32", "fp32", "i32", "fp32", "fp32"]
 # the CIFAR shape (3x32x32 -> BLOCK 4096) at k = 5: the largest block, the most registers
-lower(Wm._wasserstein_project_kernel, types, dict(K=5, BLOCK=4096), Wm.num_warps_for(4096))
+lower(Wm._wasserstein_project_kernel, types, dict(K=5, BLOCK=4096), Wm.num_warps_for(4096), report_spills=True)
 """
 
 
 def test_kernel_lowers_to_ptx_for_sm90(tmp_path):
     """Compile for an H100 (sm_90) without a GPU: the interpreter accepts what the
     compiler rejects (a plain global NEG was one). 10 s here; k = 7 takes 32 s, so only k = 5."""
-    lower_for_sm90(_LOWERING, tmp_path, expect=1, timeout=300)
+    out = lower_for_sm90(_LOWERING, tmp_path, expect=1, timeout=300)
+    spills = [line.split() for line in out.splitlines() if line.startswith("spills")]
+    assert len(spills) == 1
+    if int(spills[0][2]) or int(spills[0][3]):
+        # ptxas -v (not the PTX, where spills never show): 128 registers and local-memory spills at K = 5,
+        # BLOCK 4096, 16 warps, before and after the box. Lowering works; the spill is a known GPU
+        # performance defect, reported here until fixed (docs/sinkhorn.md, section 7)
+        pytest.xfail(f"known register spill in _wasserstein_project_kernel: {spills[0][2:]} (n_spills, spill stores)")

@@ -71,13 +71,16 @@ _PRELUDE = (
         return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, **options})
 
-    def lower(fn, types, consts, warps, no_tensor_div=False):
+    def lower(fn, types, consts, warps, no_tensor_div=False, report_spills=False):
         c = compile_sm90(fn, types, consts, warps)
         if no_tensor_div:
             divs = tensor_int_divisions(c.asm["ttir"])
             assert not divs, ("integer division on tensors", fn.__name__, consts, divs[:3])
         res = doctor.ptxas_resources(c)
-        assert res["n_spills"] == 0 and res["spill_stores"] == 0, ("register spills", fn.__name__, consts, res)
+        if report_spills:  # the caller decides (a known spill is reported, not hidden)
+            print("spills", fn.__name__, res["n_spills"], res["spill_stores"])
+        else:
+            assert res["n_spills"] == 0 and res["spill_stores"] == 0, ("register spills", fn.__name__, consts, res)
         print("lowered", fn.__name__, consts, "registers", res["n_regs"])
         return c.asm["ptx"]
     """

@@ -39,7 +39,26 @@ and Triton kernels and the eager baseline of ``fastadv bench sinkhorn``):
    evaluated as W(exp(L)) so that lam = 1000-3000 never overflows).
    A sample stops when both the row-marginal error ||Pi 1 - x0||_1 and the
    constraint error (|<C, Pi> - eps| / eps, or its positive part when
-   psi = 0) are <= tol. A sample not converged at ``max_iter`` returns its last
+   psi = 0) are <= tol.
+
+   With ``upper`` (not in the paper), the projection is onto the ball
+   intersected with the box 0 <= x <= upper, i.e. the constraint 0 <= z <= u,
+   u = upper / mass(x0), is added to the problem above. Lagrangian
+   (multipliers alpha / lam, beta / lam, psi / lam; the box kept as a set):
+       1/2 ||w - z||^2 + (1/lam) sum Pi log Pi - (1/lam) sum_i alpha_i ((Pi 1)_i - x0_i)
+       - (1/lam) sum_j beta_j ((Pi^T 1)_j - z_j) + (psi/lam) (<C, Pi> - eps).
+   Stationarity in Pi gives the same Pi as above; minimizing over z in the
+   box gives z_j = clip(w_j - beta_j / lam, 0, u). The dual is concave, and
+   its derivative in beta_j is (z_j(beta_j) - s_j e^{beta_j}) / lam: column j
+   is at its optimum where the clipped line z_j(beta) (nonincreasing in beta)
+   meets the increasing s_j e^beta. They meet once: at the Lambert W root
+   z_j = W(lam s_j e^{lam w_j}) / lam when that is <= u, else at z_j = u,
+   beta_j = log u - log s_j (then w_j - beta_j / lam > u: the line is
+   clipped there). The lower bound never binds (s_j e^beta > 0). So only the
+   beta update changes; alpha, the Newton step on psi (the plan keeps its
+   form) and the stopping rule are unchanged. Feasibility: x0 itself (with
+   the diagonal plan) is a feasible point when x0 <= upper, which the public
+   function checks. A sample not converged at ``max_iter`` returns its last
    iterate (its mass and constraint are then off by about its residual); the
    per-sample iteration counts and residuals say which.
 
@@ -184,7 +203,7 @@ def _local_lse(v, kernel_size, psi_cost):
 
 
 def wasserstein_project(
-    x, x0, eps, *, kernel_size=5, p=2.0, reg=1000.0, max_iter=50, tol=1e-4, upcast=None, return_info=False
+    x, x0, eps, *, kernel_size=5, p=2.0, reg=1000.0, max_iter=50, tol=1e-4, upper=None, upcast=None, return_info=False
 ):
     """Projected Sinkhorn (Wong et al. 2019), batched, per-sample stopping; see module docstring.
 
@@ -193,6 +212,8 @@ def wasserstein_project(
         x0: (B, C, H, W) center of the ball, >= 0 with positive total mass per sample.
         eps: float or (B,) radius >= 0, in units of (normalized mass) x (pixel distance)^p.
         kernel_size: odd window size k. p: cost exponent. reg: lam, the inverse entropy weight.
+        upper: None (the ball only) or a float > 0: project onto the ball intersected
+            with the box 0 <= z <= upper (x0 <= upper for feasibility; not checked here).
     Returns:
         z (shape of x), or a ``ProjectionResult`` if return_info.
     """
@@ -204,6 +225,9 @@ def wasserstein_project(
     e = (eps.to(dt).reshape(-1).expand(bsz) if isinstance(eps, torch.Tensor) else torch.full((bsz,), float(eps), dtype=dt, device=x.device))
     lam = float(reg)
     mass = x0.sum(dim=(1, 2, 3), keepdim=True)
+    if upper is not None:  # the box in normalized units
+        u = float(upper) / mass
+        log_u = torch.log(u)
     a = x0 / mass
     wn = x / mass
     la = _log(a)
@@ -231,6 +255,11 @@ def wasserstein_project(
         L = log_lam + lse_b + lam * wn
         wz = lambertw_exp(L)
         beta_new = lam * wn - wz
+        z_new = wz / lam
+        if upper is not None:  # column j: the free root if z_j <= u, else z_j = u (see module docstring)
+            cap = z_new > u
+            z_new = torch.where(cap, u, z_new)
+            beta_new = torch.where(cap, log_u - lse_b, beta_new)
         # Pi_ij = exp(alpha_i + beta_j - psi C_ij - 1), summed by target pixel j
         plan = torch.exp(terms + beta_new.reshape(*terms.shape[:2], 1, -1))
         c1 = (plan * cost[None, None, :, None]).sum(dim=(1, 2, 3))
@@ -249,12 +278,15 @@ def wasserstein_project(
         sel = active[:, None, None, None]
         alpha = torch.where(sel, alpha_new, alpha)
         beta = torch.where(sel, beta_new, beta)
-        zn = torch.where(sel, wz / lam, zn)
+        zn = torch.where(sel, z_new, zn)
         psi = torch.where(active, psi_new, psi)
         res = torch.where(active, r, res)
         it = it + active.int()
         active = active & (r > tol)
-    z = (zn * mass).reshape(shape)
+    z = zn * mass
+    if upper is not None:  # z <= u: the min only undoes the rounding of u * mass
+        z = z.clamp_max(float(upper))
+    z = z.reshape(shape)
     if return_info:
         return ProjectionResult(z, it, res, psi)
     return z
