@@ -51,7 +51,8 @@ from ._lp_common import (
 )
 
 # A sample of up to SINGLE_MAX elements is one block held in registers
-# (8192 fp32 x 3 operands over 16 warps = 48 registers a thread); larger
+# (ptxas -v for sm_90: up to 127-128 registers a thread at 16 warps, no spills;
+# docs/backends-triton.md); larger
 # samples are streamed in CHUNK-element blocks. Tests lower both to force the
 # chunked and two-pass paths on small shapes.
 SINGLE_MAX = 8192
