@@ -18,27 +18,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 E = 0.1  # delta = eps on 10 x 10 MNIST
 
 
-@pytest.fixture(scope="module")
-def tiny_mnist():
-    """An MLP on 10 x 10 MNIST (3 x 3 average pooling), 3 epochs on 2500 digits: 73% clean on 64 others (0.2 s)."""
-    from fastadv.data import embedded_mnist
-
-    torch.manual_seed(0)
-    xs, ys = embedded_mnist("all")
-    xs = F.avg_pool2d(xs[:3000], kernel_size=3, stride=3, padding=1)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(100, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    for _ in range(3):
-        perm = torch.randperm(2500)
-        for i in range(0, 2500, 100):
-            idx = perm[i:i + 100]
-            loss = F.cross_entropy(model(xs[idx]), ys[:2500][idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval(), xs[2500:2564], ys[2500:2564]
-
-
 def _quick(**kw):
     return dict(dict(delta=E, eps=E, steps=10, attack_steps=5, attack_alpha=E / 4), **kw)
 
