@@ -93,6 +93,16 @@ def _check_choice(name, v, choices):
     return v
 
 
+def set_attack_settings(method, eps, alpha, steps, *, beta=None, attack_mode="eval") -> None:
+    """Check and set the inner attack's settings shared by the KL-regularized methods (TRADES, MART):
+    eps, alpha > 0 or >= 0, steps >= 1, beta >= 0 (when given), the attack's batch-norm mode."""
+    method.eps, method.alpha = _check_pos("eps", eps), _check_pos("alpha", alpha)
+    method.steps = _check_int("steps", steps, 1)
+    if beta is not None:
+        method.beta = _check_pos("beta", beta)
+    method.attack_mode = attack_mode
+
+
 def refuse_compiled_hooks(ctx: "BindContext", method: str, what: str) -> None:
     """Raise when the training forward is ``torch.compile``d and the method needs forward hooks added per
     call: dynamo does not guard on hooks registered after the first compiled call, so such a hook never

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from fastadv.attacks import PGD
-from fastadv.train.methods.base import Method, StepOutput, _check_int, _check_pos, tracks_running_stats
+from fastadv.train.methods.base import Method, StepOutput, _check_pos, set_attack_settings, tracks_running_stats
 
 
 class GaussianStartPGD(PGD):
@@ -128,10 +128,7 @@ class MART(Method):
     def __init__(self, eps: float = 8 / 255, alpha: float = 0.007, steps: int = 10, *, beta: float = 6.0,
                  attack_mode: str = "eval"):
         super().__init__()
-        self.eps, self.alpha = _check_pos("eps", eps), _check_pos("alpha", alpha)
-        self.steps = _check_int("steps", steps, 1)
-        self.beta = _check_pos("beta", beta)
-        self.attack_mode = attack_mode
+        set_attack_settings(self, eps, alpha, steps, beta=beta, attack_mode=attack_mode)
 
     def attack(self):
         return GaussianStartPGD(self.ctx.attack_net, eps=self.eps, alpha=self.alpha, steps=self.steps,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastadv.train.methods.base import Method, StepOutput, _check_int, _check_pos, tracks_running_stats
+from fastadv.train.methods.base import Method, StepOutput, set_attack_settings, tracks_running_stats
 
 
 def trades_kl(logits_adv: torch.Tensor, logits_clean: torch.Tensor) -> torch.Tensor:
@@ -42,10 +42,7 @@ class TRADES(Method):
     def __init__(self, eps: float = 8 / 255, alpha: float = 0.007, steps: int = 10, *, beta: float = 6.0,
                  attack_mode: str = "eval"):
         super().__init__()
-        self.eps, self.alpha = _check_pos("eps", eps), _check_pos("alpha", alpha)
-        self.steps = _check_int("steps", steps, 1)
-        self.beta = _check_pos("beta", beta)
-        self.attack_mode = attack_mode
+        set_attack_settings(self, eps, alpha, steps, beta=beta, attack_mode=attack_mode)
 
     def inner(self, x, y):
         from fastadv.attacks import TRADESAttack
