@@ -152,9 +152,9 @@ def test_apgdt_target_order_and_class_clamp():
     seen = []
     run = atk._single_run
 
-    def spy(x0, yy, eps, loss, extra=None):
+    def spy(x0, yy, eps, loss, extra=None, **kw):
         seen.append(extra["target"].clone())
-        return run(x0, yy, eps, loss, extra)
+        return run(x0, yy, eps, loss, extra, **kw)
 
     atk._single_run = spy
     adv = atk(x, y)
@@ -300,3 +300,28 @@ def test_batched_targets_fool_the_same_way():
         with torch.no_grad():
             accs[bt] = (model(adv).argmax(1) == y).float().mean().item()
     assert abs(accs[True] - accs[False]) <= 0.02, accs
+
+
+def test_batched_targets_sibling_stop_changes_only_the_work():
+    """Batched APGD-T stops a sample's rows toward later targets once a row fools it. Same starts (same
+    generator), so the result must be exactly that of the batch without the sibling stop, and the
+    forwarded rows must drop."""
+    from fastadv.attacks.apgd import APGDT
+    from fastadv.bench.floor import ModelCallRecorder
+
+    model = trained_mnist_mlp()
+    x, y = heldout_correct(model, 200)
+    out, rows = {}, {}
+    for sibling in (True, False):
+        rec = ModelCallRecorder(model)
+        atk = APGDT(rec, 0.08, 30, batch_targets=True, generator=torch.Generator().manual_seed(0))
+        if not sibling:
+            run = atk._single_run
+            atk._single_run = lambda *a, siblings=None, **k: run(*a, **k)
+        out[sibling] = atk(x, y)
+        rows[sibling] = sum(c[1][0] for c in rec.calls)
+    fooled = {k: ~robust(model, v, y) for k, v in out.items()}
+    assert torch.equal(fooled[True], fooled[False])
+    assert 0.2 < fooled[True].float().mean() < 0.9, fooled[True].float().mean()  # both kinds of sample present
+    assert torch.equal(out[True], out[False])
+    assert rows[True] < 0.8 * rows[False], rows

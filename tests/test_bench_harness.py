@@ -197,3 +197,8 @@ def test_bench_eval_quick_runs(tmp_path, capsys):
     assert variants[:2] == ["fastadv standard", "torchattacks-100"]
     assert "  square: torchattacks" in variants and payload["environment"]["git_commit"]
     assert all(len(r["times_s"]) == r["repeats"] for r in payload["rows"][:2])
+    # the model floor of both cascades, next to their times
+    floors = payload["model_floor"]
+    assert set(floors) == {"fastadv standard", "torchattacks-100"}
+    assert all(r["floor_s"] > 0 for r in payload["rows"][:2])
+    assert floors["fastadv standard"]["robust_accuracy"] == payload["rows"][0]["robust_accuracy"]

@@ -357,6 +357,27 @@ def target_groups(todo: torch.Tensor, targets: list, restarts: int, max_rows: in
             yield r, idx, targets[g0:g0 + per_group]
 
 
+def sibling_stop(sample_of_row: torch.Tensor) -> Callable:
+    """The stop rule of a multi-target attack whose targets run as rows of one batch (APGD-T, FAB-T).
+
+    Row r attacks sample ``sample_of_row[r]`` toward its ``rank[r]``-th target, and the attack keeps,
+    per sample, the lowest-rank row that succeeds. Returns ``stopped(success, sample, rank) -> bool``
+    (all (B',), the active rows): True for rows with a lower-rank sibling that has succeeded, now or at
+    an earlier call. Such a row can never be the one kept, so stopping it changes the work, never the
+    result. The lowest successful rank per sample is kept on the device (a scatter-amin per call), so
+    the rule needs no host sync.
+    """
+    n = int(sample_of_row.max()) + 1 if sample_of_row.numel() else 0
+    big = torch.iinfo(torch.int64).max
+    lowest = torch.full((n,), big, dtype=torch.int64, device=sample_of_row.device)
+
+    def stopped(success: torch.Tensor, sample: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+        lowest.scatter_reduce_(0, sample, torch.where(success, rank, torch.full_like(rank, big)), reduce="amin")
+        return rank > lowest[sample]
+
+    return stopped
+
+
 @torch.no_grad()
 def evaluate_points(atk: Attack, x: torch.Tensor, y: torch.Tensor, loss: str = "ce",
                     batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -146,6 +146,12 @@ def _eta(s: int, device: str) -> torch.Tensor:
     return torch.stack([e.reshape(-1), e.t().reshape(-1)]).float().to(device)
 
 
+@functools.lru_cache(maxsize=16)
+def _arange(n: int, device) -> torch.Tensor:
+    """torch.arange(n) on ``device``, made once (read-only)."""
+    return torch.arange(n, device=device)
+
+
 def _norm(t: torch.Tensor) -> torch.Tensor:
     """Per-sample L2 norm of (n, ...) as (n, 1, 1, 1)."""
     return t.reshape(t.shape[0], -1).norm(dim=1).reshape(-1, 1, 1, 1)
@@ -206,8 +212,8 @@ class Square(Attack):
         Corners as the reference draws them: floor(U * (H - s)), i.e. uniform on [0, H - s - 1]
         (0 when s = H); row then column, window after window.
         """
-        rows = torch.arange(h, device=device)
-        cols = torch.arange(w, device=device)
+        rows = _arange(h, device)
+        cols = _arange(w, device)
         out = []
         for _ in range(count):
             vh = self._rand_int(max(h - s, 1), (n,), device)
@@ -249,9 +255,15 @@ class Square(Attack):
     # ------------------------------------------------------------ proposals
     def _propose_linf(self, xb, lo_b, hi_b, s):
         n, c, h, w = xb.shape
-        (mask, _, _), = self._windows(n, h, w, s, xb.device)
+        # the window as a bool mask from two 1-D tests (the draws of _windows, without its float mask:
+        # this proposal is most of Square's own cost per iteration)
+        vh = self._rand_int(max(h - s, 1), (n,), xb.device)
+        vw = self._rand_int(max(w - s, 1), (n,), xb.device)
+        rr = _arange(h, xb.device)[None, :] - vh[:, None]
+        cc = _arange(w, xb.device)[None, :] - vw[:, None]
+        inside = ((rr >= 0) & (rr < s))[:, None, :, None] & ((cc >= 0) & (cc < s))[:, None, None, :]
         up = self._rand_signs((n, c, 1, 1), xb.device) > 0
-        return torch.where(mask > 0, torch.where(up, hi_b, lo_b), xb)
+        return torch.where(inside, torch.where(up, hi_b, lo_b), xb)
 
     def _propose_l2(self, x0, xb, eps, s):
         n, c, h, w = x0.shape
@@ -322,11 +334,11 @@ class Square(Attack):
             al = torch.where(l_new < al, l_new, al)
             am = torch.where(better, m_new, am)
             ab = torch.where(better.reshape(-1, 1, 1, 1), x_new, ab)
-            q[idx] += 1
             self._observe(rows[idx], al)
             done = am <= 0
             if bool(done.any()):
                 gone = idx[done]
+                q[gone] = it + 2  # the start and iterations 0 .. it
                 out_x[gone], out_m[gone], out_l[gone] = ab[done], am[done], al[done]
                 live = ~done
                 idx = idx[live]
@@ -334,6 +346,7 @@ class Square(Attack):
                 if self.norm == "linf":
                     alo, ahi = alo[live], ahi[live]
         out_x[idx], out_m[idx], out_l[idx] = ab, am, al
+        q[idx] = evals  # still searched after the last iteration: every evaluation spent
         return out_x, out_m, out_l, q
 
     # ------------------------------------------------------------ attack

@@ -44,6 +44,8 @@ COLUMNS = [
     ("s_max", "max s", "{:.1f}"),
     ("images_per_s", "images/s", "{:.2f}"),
     ("x_reference", "vs torchattacks-100", "{:.2f}x"),
+    ("floor_s", "model floor s", "{:.2f}"),
+    ("x_floor", "median / floor", "{:.2f}x"),
 ]
 
 
@@ -54,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=None, help="timed runs per variant (default 5; --quick 1)")
     p.add_argument("--train-epochs", type=int, default=2, help="PGD-AT epochs for the default model (default 2)")
     p.add_argument("--autocast", default=None, choices=("bf16", "fp16"), help="ours under autocast (GPU)")
+    p.add_argument("--no-floor", action="store_true",
+                   help="do not measure the model floor (one extra untimed run of each cascade, then a replay)")
     p.add_argument("--skip-torchattacks-default", action="store_true",
                    help="do not run torchattacks' 10-iteration AutoAttack")
 
@@ -98,20 +102,72 @@ def _reference_attacks(model, eps, n_classes=10):
     ], ["apgd-ce", "apgd-t", "fab-t", "square"])
 
 
-def _cascade(model, attacks, names, x, y, split: dict):
+def _cascade(model, attacks, names, x, y, split: dict, recorder=None):
     """``torchattacks.MultiAttack.forward``'s loop (each attack on the samples every earlier one left robust),
-    written out so each attack's time is recorded in ``split``; returns the robust accuracy."""
+    written out so each attack's time is recorded in ``split``; returns the robust accuracy. ``recorder``
+    (a ``floor.ModelCallRecorder`` the attacks were built on): its tag is set to each attack's name."""
     with torch.no_grad():
         robust = model(x).argmax(1) == y
     for atk, nm in zip(attacks, names):
         idx = robust.nonzero().squeeze(1)
+        if recorder is not None:
+            recorder.tag = nm
         t0 = time.perf_counter()
         if idx.numel():
             adv = atk(x[idx], y[idx])
+            if recorder is not None:
+                recorder.tag = "predict"
             with torch.no_grad():
                 robust[idx] = model(adv).argmax(1) == y[idx]
         split.setdefault(nm, []).append(time.perf_counter() - t0)
     return robust.float().mean().item()
+
+
+def _tag_calls(atk, name: str, recorder):
+    """``atk`` with its ``perturb`` setting ``recorder.tag = name`` for the call (then back to 'predict')."""
+    inner = atk.perturb
+
+    def perturb(x, y):
+        recorder.tag = name
+        try:
+            return inner(x, y)
+        finally:
+            recorder.tag = "predict"
+
+    atk.perturb = perturb
+    return atk
+
+
+def model_floors(model, x, y, eps, device) -> dict:
+    """The model floor of both cascades (``fastadv.bench.floor``): one untimed run of each through a
+    ``ModelCallRecorder``, then the bare model replays the recorded calls (3 times, the minimum). Returns
+    {'fastadv standard': {...}, 'torchattacks-100': {...}}, each {'floor_s': {attack: s, 'predict': s},
+    'calls': {attack: counts}, 'robust_accuracy': of the recorded run}."""
+    from fastadv.bench.floor import ModelCallRecorder, replay_floor, summarize_calls
+    from fastadv.evaluation import evaluate
+    from fastadv.evaluation.versions import make_attack, version_attacks
+
+    out = {}
+    rec = ModelCallRecorder(model).eval()
+    rec.tag = "predict"
+    names, _ = version_attacks("standard", "linf")
+    # the standard version's own attacks (the factory evaluate uses), each tagging its calls
+    named = [(nm, _tag_calls(make_attack(nm, rec, eps, "linf", version="standard", n_classes=10), nm, rec))
+             for nm in names]
+    r = evaluate(rec, (x, y), attacks=named, eps=eps, batch_size=x.shape[0], checks=False, progress=False, seed=0)
+    out["fastadv standard"] = {"floor_s": replay_floor(model, rec.calls, device, repeats=3), "calls": summarize_calls(rec.calls),
+                               "robust_accuracy": r["robust_accuracy"]}
+    try:
+        import torchattacks  # noqa: F401
+    except ImportError:
+        return out
+    rec = ModelCallRecorder(model).eval()
+    rec.tag = "predict"
+    ref_attacks, ref_names = _reference_attacks(rec, eps)
+    ra = _cascade(rec, ref_attacks, ref_names, x, y, {}, recorder=rec)
+    out["torchattacks-100"] = {"floor_s": replay_floor(model, rec.calls, device, repeats=3), "calls": summarize_calls(rec.calls),
+                               "robust_accuracy": ra}
+    return out
 
 
 def _accuracy(model, x, y) -> float:
@@ -207,6 +263,35 @@ def run(args) -> dict:
                          "s_max": max(split_ref[nm]), "x_reference": 1.0})
         else:
             rows.append(row)
+    floors = None
+    if not args.no_floor:
+        floors = model_floors(model, x, y, args.eps, device)
+        _add_floors(rows, floors, notes)
     load_after = list(harness.os.getloadavg()) if hasattr(harness.os, "getloadavg") else None
     return {"rows": rows, "columns": COLUMNS, "notes": notes, "n": n, "eps": args.eps, "repeats": repeats,
-            "per_attack": detail, "loadavg_before": load_before, "loadavg_after": load_after}
+            "per_attack": detail, "model_floor": floors, "loadavg_before": load_before, "loadavg_after": load_after}
+
+
+def _add_floors(rows: list, floors: dict, notes: list) -> None:
+    """Put each cascade's (and each attack's) model floor next to its median time, and say what the floor
+    allows: with every attack's own work free, ours could run at most ref_median / our_floor times the
+    reference."""
+    label = {"fastadv standard": "fastadv", "torchattacks-100": "torchattacks"}
+    for row in rows:
+        name = row["variant"]
+        if name in floors:
+            row["floor_s"] = sum(floors[name]["floor_s"].values())
+        elif name.startswith("  ") and ":" in name:
+            nm, side = (t.strip() for t in name.split(":"))
+            key = next((k for k, v in label.items() if v == side), None)
+            if key in floors and nm in floors[key]["floor_s"]:
+                row["floor_s"] = floors[key]["floor_s"][nm]
+        if row.get("floor_s") and row.get("s_median"):
+            row["x_floor"] = row["s_median"] / row["floor_s"]
+    if "torchattacks-100" in floors:
+        ours = next(r for r in rows if r["variant"] == "fastadv standard")
+        ref = next(r for r in rows if r["variant"] == "torchattacks-100")
+        notes.append(f"model floor (the model's forward/backward passes alone, replayed from a recorded run): ours "
+                     f"{ours['floor_s']:.2f} s, torchattacks-100 {ref['floor_s']:.2f} s; at our floor the largest "
+                     f"possible speedup is {ref['s_median'] / ours['floor_s']:.2f}x (ours runs at "
+                     f"{ours['x_floor']:.2f}x its floor, the reference at {ref['x_floor']:.2f}x)")
