@@ -139,18 +139,23 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _torchrun_two(tmp_path, common, out):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+                          f"--master_port={_free_port()}", "-m", "fastadv.cli", "train", *common,
+                          "--out", str(tmp_path / out)], env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "world size 2" in two.stderr
+    return two, torch.load(tmp_path / out / "model.pt", weights_only=True)["model"]
+
+
 def _torchrun_pair(tmp_path, common, tag):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     one = subprocess.run([sys.executable, "-m", "fastadv.cli", "train", *common, "--out", str(tmp_path / f"{tag}1")],
                          env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-                          f"--master_port={_free_port()}", "-m", "fastadv.cli", "train", *common,
-                          "--out", str(tmp_path / f"{tag}2")], env=env, capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "world size 2" in two.stderr
+    two, b = _torchrun_two(tmp_path, common, f"{tag}2")
     a = torch.load(tmp_path / f"{tag}1" / "model.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / f"{tag}2" / "model.pt", weights_only=True)["model"]
     return one, two, a, b
 
 
@@ -165,6 +170,8 @@ def test_torchrun_two_processes_match_one(tmp_path):
     # gradient coordinate near zero can take the other sign in the attack's sign step, and the two runs
     # then differ by 0.4-0.7% of their update, measured; see the random-start test below.)
     one, two, a, b = _torchrun_pair(tmp_path, [*_SMALL, "--method", "standard"], "std")
+    # and 2 ranks x 2 micro-batches of 16 (gradient accumulation, DDP's all-reduce on the last one only)
+    _, c = _torchrun_two(tmp_path, [*_SMALL, "--method", "standard", "--grad-accum", "2"], "std2x2")
     torch.manual_seed(0)
     start = MnistCNN(width=0.25).state_dict()
     steps, batch = 256 // 64, 64
@@ -174,6 +181,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
         # steps x batch x 2**-24 x max|w| (3e-6 here; measured difference at most 1.5e-8, about one ulp).
         tol = steps * batch * 2.0 ** -24 * a[k].abs().max().item()
         assert (a[k] - b[k]).abs().max().item() <= tol, (k, (a[k] - b[k]).abs().max().item(), tol)
+        assert (a[k] - c[k]).abs().max().item() <= tol, (k, (a[k] - c[k]).abs().max().item(), tol)
     # the held-out metrics were reduced across ranks (64 images evaluated in total)
     s1 = json.loads(one.stdout.strip().splitlines()[-1])
     s2 = json.loads(two.stdout.strip().splitlines()[-1])

@@ -75,6 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--synthetic-shape", default="3,32,32", help="synthetic image shape C,H,W")
     g.add_argument("--synthetic-samples", type=int, default=4096)
     g.add_argument("--workers", type=int, default=4, help="decoding processes for imagefolder (default 4)")
+    g.add_argument("--grad-accum", type=int, default=1, metavar="K",
+                   help="micro-batches per optimizer step: each rank's batch runs as K forward/backward passes "
+                        "whose gradients add up (same global batch and lr; for a batch that does not fit)")
     g.add_argument("--prefetch", type=int, default=2,
                    help="imagefolder: batches in flight per decoding worker (DataLoader prefetch_factor; default 2)")
     g.add_argument("--on-bad-image", choices=("skip", "fail"), default="fail",
@@ -398,7 +401,7 @@ def run(args) -> int:
         eval_steps=_pick(args, "eval_steps", d), eval_samples=None if eval_samples == 0 else eval_samples,
         out_dir=args.out, save_every=args.save_every, resume=args.resume, seed=args.seed,
         progress=not args.no_progress, workers=args.workers, device=args.device, augment=d["augment"],
-        max_steps=args.max_steps, prefetch=args.prefetch, on_bad_image=args.on_bad_image,
+        max_steps=args.max_steps, prefetch=args.prefetch, on_bad_image=args.on_bad_image, grad_accum=args.grad_accum,
         resize_schedule=args.resize_schedule, lr_points=args.lr_points,
         model_meta={"name": model_name, "num_classes": num_classes, "kwargs": kw,
                     "normalize": d["normalize"] if model_name != "mnist_cnn" else None, "dataset": args.dataset,

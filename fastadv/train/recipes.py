@@ -165,6 +165,12 @@ def dry_run(cfg, *, net, method, n_train: int, n_classes: int, heldout_n: int | 
             raise SystemExit(f"fastadv train --dry-run: batch size {p} is not divisible by the world size {world}")
         if p > n_train:
             raise SystemExit(f"fastadv train --dry-run: batch size {p} is larger than the training set ({n_train})")
+        if (p // world) % cfg.grad_accum:
+            raise SystemExit(f"fastadv train --dry-run: grad_accum {cfg.grad_accum} does not divide the per-rank "
+                             f"batch {p // world}")
+    if cfg.grad_accum > 1 and not getattr(method, "supports_grad_accum", True):
+        raise SystemExit(f"fastadv train --dry-run: method {method.name!r} cannot accumulate gradients "
+                         f"({method.grad_accum_refusal})")
     extra = 0
     if getattr(method, "name", "") == "free":  # Free-AT checkpoints its running perturbation (local batch x image)
         size = max((e["image_size"] or input_shape[-1]) for e in epochs)
@@ -187,8 +193,9 @@ def dry_run(cfg, *, net, method, n_train: int, n_classes: int, heldout_n: int | 
         else:
             phases[-1][2] = e["epoch"]
     for (size, b), e0, e1, steps in phases:
+        micro = f", {cfg.grad_accum} micro-batches of {b // world // cfg.grad_accum}" if cfg.grad_accum > 1 else ""
         print(f"  epochs {e0 + 1}-{e1 + 1}: images {size or input_shape[-1]} px, global batch {b} "
-              f"({b / world:g} per rank), {steps} batches per epoch", file=stream)
+              f"({b / world:g} per rank{micro}), {steps} batches per epoch", file=stream)
     lr = f"points {cfg.lr_points}" if cfg.schedule == "piecewise" else f"peak {cfg.lr:g}"
     print(f"  {out['total_optimizer_steps']} optimizer steps; lr {cfg.schedule} ({lr}), amp {cfg.amp or 'fp32'}, "
           f"channels_last {cfg.channels_last}", file=stream)

@@ -83,6 +83,10 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     grad_clip: float | None = None
+    # micro-batches per optimizer step: each rank's share of the global batch is split into this many
+    # forward/backward passes whose gradients add up (the global batch, the lr schedule and the step count
+    # stay those of the recipe; only the memory per pass shrinks)
+    grad_accum: int = 1
     eval_eps: float = 8 / 255
     eval_alpha: float | None = None  # default eps / 4
     eval_steps: int = 10
@@ -130,6 +134,8 @@ class TrainConfig:
             raise ValueError(f"on_bad_image must be 'skip' or 'fail', got {self.on_bad_image!r}")
         if self.prefetch < 1:
             raise ValueError(f"prefetch must be >= 1, got {self.prefetch}")
+        if isinstance(self.grad_accum, bool) or not isinstance(self.grad_accum, int) or self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be an int >= 1, got {self.grad_accum!r}")
         parse_schedule(self.resize_schedule)  # raises ValueError naming the bad entry
         if self.schedule == "piecewise":
             parse_lr_points(self.lr_points)
@@ -424,6 +430,9 @@ class Trainer:
         for b in {self.cfg.batch_size, *(p.batch_size for p in self.phases if p.batch_size)}:
             if b % self.dist.world_size:
                 raise ValueError(f"batch_size {b} must be divisible by the world size {self.dist.world_size}")
+            if (b // self.dist.world_size) % self.cfg.grad_accum:
+                raise ValueError(f"grad_accum {self.cfg.grad_accum} must divide each rank's batch (global batch {b} "
+                                 f"/ {self.dist.world_size} rank(s) = {b // self.dist.world_size})")
         self.train_data = _as_data(train, self.cfg.workers, prefetch=self.cfg.prefetch,
                                    pin_memory=device.type == "cuda", on_bad_image=self.cfg.on_bad_image)
         if self.train_data is None or len(self.train_data) == 0:
@@ -452,6 +461,9 @@ class Trainer:
             self.attack_net = torch.compile(net)
 
         self.method = method
+        if self.cfg.grad_accum > 1 and not method.supports_grad_accum:
+            raise ValueError(f"grad_accum={self.cfg.grad_accum}: method {method.name!r} cannot split a batch into "
+                             f"micro-batches ({method.grad_accum_refusal}); use grad_accum=1")
         self.local_batch = self.cfg.batch_size // self.dist.world_size
         n = len(self.train_data)
         # batches of each epoch (a resize schedule can change the global batch per phase)
@@ -595,12 +607,25 @@ class Trainer:
         cfg = self.cfg
         if cfg.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        last = None
+        k = cfg.grad_accum
+        xs, ys = (x, ), (y, )
+        if k > 1:
+            xs, ys = x.chunk(k), y.chunk(k)  # equal parts: the trainer checked that k divides the batch
         for _ in range(self.method.replays):
-            with _autocast(self.device, cfg.amp):
-                out = self.method.loss(x, y)
             self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(out.loss).backward()
+            losses, correct, n = [], 0, 0
+            for i, (xc, yc) in enumerate(zip(xs, ys)):
+                # DDP all-reduces the gradients once, on the last micro-batch
+                sync = contextlib.nullcontext() if i == k - 1 or not self.dist.distributed else self.model.no_sync()
+                with sync:
+                    with _autocast(self.device, cfg.amp):
+                        out = self.method.loss(xc, yc)
+                    # mean over the rank's batch = mean of the k equal micro-batch means
+                    self.scaler.scale(out.loss / k if k > 1 else out.loss).backward()
+                losses.append(out.loss.detach())
+                with torch.no_grad():
+                    correct = correct + (out.logits.argmax(1) == out.y).sum()
+                n += out.y.numel()
             if self.extra_params and self.dist.distributed:
                 D.all_reduce_mean_grads(self.extra_params)  # not inside DDP: average them as DDP does the net's
             self.method.after_backward()
@@ -611,10 +636,8 @@ class Trainer:
             self.scaler.update()
             self.scheduler.step()
             self.method.after_step()
-            last = out
-        with torch.no_grad():
-            correct = (last.logits.argmax(1) == last.y).sum()
-        return last.loss.detach(), correct, last.y.numel()
+        loss = losses[0] if k == 1 else torch.stack(losses).mean()
+        return loss, correct, n
 
     def _evaluate(self, epoch: int) -> dict:
         if self.heldout is None:

@@ -121,6 +121,9 @@ class AFD(Method):
     afd_adv_frac (share of samples whose x' is not x), this rank.
     """
 
+    supports_grad_accum = False
+    grad_accum_refusal = "the critic and the encoder take their own optimizer steps per batch"
+
     name = "afd"
     attack_mode = "eval"
     default_lr = {"sgd": 0.1}

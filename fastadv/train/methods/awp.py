@@ -118,6 +118,9 @@ class AWP(Method):
     issue.
     """
 
+    supports_grad_accum = False
+    grad_accum_refusal = "each loss call perturbs the weights, which after_step restores once"
+
     name = "awp"
 
     def __init__(self, base="pgd", *, gamma: float | None = None, warmup: int | None = None,

@@ -130,6 +130,11 @@ class Method:
     default_schedule: str | None = None
     #: peak learning rate per optimizer for ``default_schedule`` ({} : the caller's)
     default_lr: dict = {}
+    #: whether ``loss`` may be called on k micro-batches whose gradients add up before one optimizer step
+    #: (TrainConfig.grad_accum): False for a method whose loss has side effects per call (weight
+    #: perturbations, its own optimizer steps, per-batch state); ``grad_accum_refusal`` says why
+    supports_grad_accum = True
+    grad_accum_refusal = ""
 
     def __init__(self):
         self.ctx: BindContext | None = None

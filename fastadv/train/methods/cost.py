@@ -133,6 +133,9 @@ class CostSensitiveAT(Method):
     the caller's choice here.
     """
 
+    supports_grad_accum = False
+    grad_accum_refusal = "each loss call advances the clean/adversarial phase of the batch"
+
     name = "cost"
     attack_mode = "train"
 

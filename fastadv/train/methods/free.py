@@ -29,6 +29,9 @@ class FreeAT(Method):
     (the code's fgsm_step = clip_eps).
     """
 
+    supports_grad_accum = False
+    grad_accum_refusal = "the perturbation is one tensor of the batch's shape, carried across replays and batches"
+
     name = "free"
 
     def __init__(self, eps: float = 8 / 255, replays: int = 8, *, step: float | None = None):
