@@ -241,10 +241,10 @@ def test_attack_box_project_is_the_plain_loop_and_stays_in_the_box():
     with torch.no_grad():
         y = model(x0).argmin(1)  # targeted at the least likely class: nobody is fooled in 3 steps
     kw = dict(eps=0.1, alpha=0.5, steps=3, kernel_size=5, reg=300.0, eps_growth=(0.1, 1.0, 1), sinkhorn_max_iter=300,
-              sinkhorn_tol=1e-6, targeted=True)
+              sinkhorn_tol=1e-6, targeted=True, accept_tol=math.inf, certify_max_iter=0)
     atk = WassersteinPGD(model, box="project", **kw)
     x_adv = atk(x0, y)
-    clamp = WassersteinPGD(model, **kw)
+    clamp = WassersteinPGD(model, box="clamp", **kw)
     x_clamp = clamp(x0, y)
     assert not atk.last_fooled.any()
     xa = x0.clone()

@@ -190,6 +190,7 @@ def _ours(net, x, y, sinkhorn_tol, sinkhorn_max_iter, steps=REF["maxiters"]):
                          p=REF["p"], reg=REF["regularization"],
                          eps_growth=(REF["epsilon"], REF["epsilon_factor"], REF["epsilon_iters"]),
                          sinkhorn_max_iter=sinkhorn_max_iter, sinkhorn_tol=sinkhorn_tol,
+                         box="clamp", accept_tol=math.inf, certify_max_iter=0,  # the reference's map
                          callback=lambda t, xa, used, active: trace.append((xa.clone(), used.clone())))
     return atk(x, y), atk, trace
 
@@ -247,7 +248,7 @@ def test_largest_radius_used_is_eps_under_the_default_schedule():
     for eps, steps in ((1.0, 40), (0.37, 25), (0.05, 7)):
         # a model that always says 9 (its logits still depend on x): nobody is fooled, all run every step
         never = lambda xa: 1e-3 * net(xa) + 100.0 * F.one_hot(torch.full((len(xa),), 9), 10).to(xa.dtype)
-        atk2 = WassersteinPGD(never, eps=eps, steps=steps, sinkhorn_max_iter=30)
+        atk2 = WassersteinPGD(never, eps=eps, steps=steps, sinkhorn_max_iter=30, accept_tol=math.inf)
         atk2(x, torch.full_like(y, 9))
         assert atk2.last_radius_used.max().item() == eps, (eps, steps)
         assert (atk2.last_radius_used == eps).all()
