@@ -2,8 +2,8 @@
 
 Wong, Schmidt & Kolter 2019 ("Wasserstein Adversarial Examples via Projected Sinkhorn Iterations") report
 an undefended MNIST model at 4% accuracy under radius 1.0 (5 x 5 windows, p = 2). This script attacks the
-small CNN of ``tests/test_wasserstein.py`` (same architecture, training and seed: 2 Adam epochs on the
-first 4000 training images) on the first ``--n`` test images, at radius 1.0, with each setting below and
+small CNN of ``tests/test_wasserstein.py`` (``tests/wasserstein_model.py``: 2 Adam epochs on the first 4000
+training images, seed 0) on the first ``--n`` test images, at radius 1.0, with each setting below and
 both ``box`` modes:
 
 * ``box='clamp'``: project onto the ball, then clamp to [0, 1] (the paper's code; the clamp cuts mass, so
@@ -29,6 +29,10 @@ import time
 
 import torch
 
+# the model of tests/test_wasserstein.py (tests/wasserstein_model.py)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from wasserstein_model import mnist_test_digits, undefended_cnn  # noqa: E402
+
 # (name, WassersteinPGD settings besides eps=1.0 and kernel_size=5)
 SETTINGS = [
     ("alpha 0.1 (the paper's step), lam 3000, 400 iterations", dict(alpha=0.1)),
@@ -39,30 +43,6 @@ SETTINGS = [
     ("the reference code's settings: alpha 0.1, lam 1000, 50 iterations, every iterate accepted",
      dict(alpha=0.1, reg=1000.0, sinkhorn_max_iter=50, accept_tol=float("inf"), certify_max_iter=0)),
 ]
-
-
-def undefended_cnn(mnist_root):
-    """tests/test_wasserstein.py's ``mnist_model``: the paper's small CNN, 2 Adam epochs on 4000 images."""
-    from fastadv.data import load_mnist
-
-    torch.manual_seed(0)
-    xs, ys = load_mnist(mnist_root, "train", as_float=True)
-    xs, ys = xs[:4000], ys[:4000]
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 4, stride=2, padding=1), torch.nn.ReLU(),
-        torch.nn.Conv2d(16, 32, 4, stride=2, padding=1), torch.nn.ReLU(),
-        torch.nn.Flatten(), torch.nn.Linear(32 * 7 * 7, 100), torch.nn.ReLU(), torch.nn.Linear(100, 10),
-    )
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-    for _ in range(2):
-        perm = torch.randperm(4000)
-        for i in range(0, 4000, 128):
-            idx = perm[i:i + 128]
-            loss = torch.nn.functional.cross_entropy(model(xs[idx]), ys[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
 
 
 def main(argv=None) -> int:
@@ -80,12 +60,9 @@ def main(argv=None) -> int:
         return 2
     from fastadv.attacks.wasserstein import WassersteinPGD
     from fastadv.bench.harness import environment, write_result
-    from fastadv.data import load_mnist
-
     env = environment("cpu")
     model = undefended_cnn(args.mnist)
-    xt, yt = load_mnist(args.mnist, "test", as_float=True)
-    x, y = xt[:args.n], yt[:args.n]
+    x, y = mnist_test_digits(args.mnist, args.n)
     with torch.no_grad():
         clean = (model(x).argmax(1) == y).float().mean().item()
     print(f"clean accuracy {clean:.4f} on {args.n} test images", file=sys.stderr)

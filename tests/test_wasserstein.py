@@ -1,5 +1,4 @@
 """fastadv.ops.wasserstein_project (projected Sinkhorn, Wong et al. 2019) and the WassersteinPGD attack."""
-import gzip
 import math
 
 import numpy as np
@@ -167,37 +166,12 @@ def test_local_cost_matrix_is_the_window_cost():
 
 
 # ------------------------------------------------------------------ attack
-def _read_idx(path):
-    with gzip.open(path) as f:
-        data = f.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 @pytest.fixture(scope="module")
 def mnist_model(mnist_dir):
     """The paper's small MNIST CNN, undefended, trained 2 epochs on 4000 images (89% on the 64-image test slice)."""
-    torch.manual_seed(0)
-    xs = torch.tensor(_read_idx(mnist_dir / "train-images-idx3-ubyte.gz")[:4000], dtype=torch.float32)[:, None] / 255
-    ys = torch.tensor(_read_idx(mnist_dir / "train-labels-idx1-ubyte.gz")[:4000], dtype=torch.int64)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 4, stride=2, padding=1), torch.nn.ReLU(),
-        torch.nn.Conv2d(16, 32, 4, stride=2, padding=1), torch.nn.ReLU(),
-        torch.nn.Flatten(), torch.nn.Linear(32 * 7 * 7, 100), torch.nn.ReLU(), torch.nn.Linear(100, 10),
-    )
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-    for _ in range(2):
-        perm = torch.randperm(4000)
-        for i in range(0, 4000, 128):
-            idx = perm[i : i + 128]
-            loss = torch.nn.functional.cross_entropy(model(xs[idx]), ys[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    xt = torch.tensor(_read_idx(mnist_dir / "t10k-images-idx3-ubyte.gz")[:64], dtype=torch.float32)[:, None] / 255
-    yt = torch.tensor(_read_idx(mnist_dir / "t10k-labels-idx1-ubyte.gz")[:64], dtype=torch.int64)
-    return model.eval(), xt, yt
+    from wasserstein_model import mnist_test_digits, undefended_cnn
+
+    return (undefended_cnn(mnist_dir), *mnist_test_digits(mnist_dir, 64))
 
 
 def test_attack_matches_a_plain_loop(mnist_model):
