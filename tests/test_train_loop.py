@@ -302,3 +302,20 @@ def test_torchrun_double_backward_method_matches_one_process(tmp_path):
         assert not torch.equal(a[k], start[k])
         tol = steps * batch * 2.0 ** -24 * a[k].abs().max().item()
         assert (a[k] - b[k]).abs().max().item() <= tol, (k, (a[k] - b[k]).abs().max().item(), tol)
+
+
+def test_torchrun_two_forward_method_matches_one_process_in_distribution(tmp_path):
+    # TRADES: a clean and an adversarial forward through DDP before one backward, random starts per rank.
+    # As for PGD-AT, 2 ranks and 1 process draw other starts, so they agree in distribution: the same
+    # training (each tensor within half its update of the other run; measured at most 0.34%), not the same bits.
+    _, _, a, b = _torchrun_pair(tmp_path, [*_SMALL, "--method", "trades", "--steps", "2", "--alpha", "0.05",
+                                           "--eps", "0.1"], "trades")
+    torch.manual_seed(0)
+    start = MnistCNN(width=0.25).state_dict()
+    differs = 0
+    for k in a:
+        update = (a[k].double() - start[k].double()).norm().item()
+        diff = (a[k].double() - b[k].double()).norm().item()
+        assert update > 0 and diff < 0.5 * update, (k, diff, update)
+        differs += diff > 0
+    assert differs
