@@ -179,6 +179,59 @@ def test_heldout_is_decoded_lazily_at_the_eval_size(folder):
     assert torch.equal(x, ref) and torch.equal(held[1], torch.tensor([val.targets[i] for i in held.indices]))
 
 
+def test_heldout_shard_decodes_only_its_share_and_evaluates_as_the_slice(folder, monkeypatch):
+    # under torchrun each rank decodes 1/world of the held-out images (the split evaluate_accuracy uses)
+    from fastadv.train import distributed as D
+    from fastadv.train.trainer import evaluate_accuracy
+
+    val = ImageFolder(folder, train=False, size=16)
+    held = HeldoutImages(val, 10, workers=0)
+    seen = []
+    get = type(val).__getitem__
+    monkeypatch.setattr(type(val), "__getitem__", lambda self, i: seen.append(i) or get(self, i))
+    xs, ys = held.shard(7, 1, 2)  # 7 images over 2 ranks: rank 1 holds images 4, 5, 6
+    assert not held.decoded and seen == held.indices[4:7] and xs.shape == (3, 3, 16, 16)
+    x, y = held
+    assert torch.equal(xs, x[4:7]) and torch.equal(ys, y[4:7])
+    assert held.shard(7, 1, 2)[0].shape[0] == 3 and held.shard(2, 3, 4)[0].shape[0] == 0
+    # the presharded call gives rank 1's numbers of the slicing call on the whole set
+    monkeypatch.setattr(D, "info", lambda: D.DistInfo(rank=1, world_size=2))
+    monkeypatch.setattr(D, "all_reduce_sum", lambda t: t)  # one process plays rank 1: nothing to reduce
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, len(val.classes)))
+    kw = dict(eps=0.03, steps=2, batch_size=2, device="cpu", seed=5)
+    whole = evaluate_accuracy(net, x[:7], y[:7], **kw)
+    part = evaluate_accuracy(net, xs, ys, presharded=True, **kw)
+    assert whole == part and whole["n"] == 3
+
+
+def test_torchrun_heldout_check_runs_on_rank_shards(tmp_path):
+    # `fastadv train --dataset imagefolder` on 2 gloo ranks: the per-epoch check decodes each rank's share of
+    # the 7 held-out images (rank 0 images 0-3, rank 1 images 4-6) and reports all 7 (measured 10 s)
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    make_folder(tmp_path / "data" / "train", per_class=8)
+    make_folder(tmp_path / "data" / "val", per_class=3, seed=1)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+                        f"--master_port={port}", "-m", "fastadv.cli", "train", "--dataset", "imagefolder",
+                        "--data-dir", str(tmp_path / "data"), "--image-size", "16", "--batch-size", "8", "--epochs",
+                        "1", "--eval-samples", "7", "--eval-steps", "1", "--method", "standard", "--model",
+                        "preact_resnet18", "--workers", "0", "--no-progress", "--device", "cpu", "--final-eval",
+                        "none", "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epoch = [e for e in rec if e["type"] == "epoch"][-1]
+    assert epoch["n"] == 7 and 0 <= epoch["clean_acc"] <= 1
+
+
 def test_val_jpeg_draft_decode_is_close_to_a_full_decode(tmp_path):
     # a 320x240 JPEG evaluated at 32 px: PIL decodes it at 1/4 scale (80x60) instead of full size
     rng = np.random.default_rng(0)

@@ -336,19 +336,42 @@ class HeldoutImages:
         self.indices = torch.linspace(0, n - 1, k).long().tolist()  # spread over the (sorted) classes
         self._pair = None
 
+    def _decode(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        sub = torch.utils.data.Subset(self.dataset, indices)
+        # own generator: decoding must not draw from (and shift) the training run's global stream
+        dl = torch.utils.data.DataLoader(sub, batch_size=self.batch_size, num_workers=self.workers,
+                                         worker_init_fn=_worker_init if self.workers else None,
+                                         generator=torch.Generator().manual_seed(0))
+        xs, ys = [], []
+        for xb, yb in dl:
+            xs.append(xb)
+            ys.append(yb.long())
+        return torch.cat(xs), torch.cat(ys)
+
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._pair is None:
-            sub = torch.utils.data.Subset(self.dataset, self.indices)
-            # own generator: decoding must not draw from (and shift) the training run's global stream
-            dl = torch.utils.data.DataLoader(sub, batch_size=self.batch_size, num_workers=self.workers,
-                                             worker_init_fn=_worker_init if self.workers else None,
-                                             generator=torch.Generator().manual_seed(0))
-            xs, ys = [], []
-            for xb, yb in dl:
-                xs.append(xb)
-                ys.append(yb.long())
-            self._pair = (torch.cat(xs), torch.cat(ys))
+            self._pair = self._decode(self.indices)
         return self._pair
+
+    def shard(self, m: int | None, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of the first ``m`` images (all k if None), decoded alone: the contiguous
+        slice [rank * s, (rank + 1) * s) with s = ceil(m / world), the split ``evaluate_accuracy`` uses.
+        Under torchrun each rank then decodes and holds 1/world of the held-out set instead of all of it
+        (cached; taken from the whole set when that is decoded already)."""
+        m = self.k if m is None else max(0, min(int(m), self.k))
+        per = -(-m // max(world, 1))
+        lo, hi = min(m, rank * per), min(m, (rank + 1) * per)
+        if self._pair is not None:
+            return self._pair[0][lo:hi], self._pair[1][lo:hi]
+        key = (m, rank, world)
+        if getattr(self, "_shard_key", None) != key:
+            if hi > lo:
+                self._shard = self._decode(self.indices[lo:hi])
+            else:
+                probe = self.dataset[self.indices[0]][0]
+                self._shard = (torch.zeros((0, *probe.shape)), torch.zeros(0, dtype=torch.long))
+            self._shard_key = key
+        return self._shard
 
     @property
     def decoded(self) -> bool:

@@ -323,17 +323,19 @@ def _predict(net, x):
 
 def evaluate_accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float | None = None,
                       steps: int = 10, batch_size: int = 500, device=None, amp: str | None = None,
-                      seed: int = 0) -> dict:
+                      seed: int = 0, presharded: bool = False) -> dict:
     """Clean and L-inf PGD robust accuracy (``fastadv.attacks.PGD``, random start, eval mode)
     of ``net`` on (x, y). Counts are summed across ranks when distributed
-    (each rank evaluates its share). Returns {'clean_acc', 'robust_acc', 'n'}."""
+    (each rank evaluates its share: the slice [r * s, (r + 1) * s), s = ceil(n / world); with
+    ``presharded``, (x, y) is that slice already, e.g. ``HeldoutImages.shard``, and gives the same
+    numbers). Returns {'clean_acc', 'robust_acc', 'n'}."""
     from fastadv.attacks import PGD
 
     device = device or next(net.parameters()).device
     info = D.info()
     n = x.shape[0]
     per = -(-n // info.world_size)
-    lo, hi = info.rank * per, min(n, (info.rank + 1) * per)
+    lo, hi = (0, n) if presharded else (min(n, info.rank * per), min(n, (info.rank + 1) * per))
     counts = torch.zeros(3, dtype=torch.float64, device=device)
     alpha = eps / 4 if alpha is None else alpha
     was_training = net.training
@@ -642,12 +644,17 @@ class Trainer:
     def _evaluate(self, epoch: int) -> dict:
         if self.heldout is None:
             return {}
+        kw = dict(eps=self.cfg.eval_eps, alpha=self.cfg.eval_alpha, steps=self.cfg.eval_steps,
+                  batch_size=self.cfg.eval_batch_size, device=self.device, amp=self.cfg.amp,
+                  seed=self.cfg.seed + 7919 * epoch)
+        if self.dist.distributed and hasattr(self.heldout, "shard"):
+            # lazily decoded images (ImageFolder): each rank decodes and holds only its share
+            x, y = self.heldout.shard(self.cfg.eval_samples, self.dist.rank, self.dist.world_size)
+            return evaluate_accuracy(self.net, x, y, presharded=True, **kw)
         x, y = self.heldout
         if self.cfg.eval_samples is not None:
             x, y = x[: self.cfg.eval_samples], y[: self.cfg.eval_samples]
-        return evaluate_accuracy(self.net, x, y, eps=self.cfg.eval_eps, alpha=self.cfg.eval_alpha,
-                                 steps=self.cfg.eval_steps, batch_size=self.cfg.eval_batch_size, device=self.device,
-                                 amp=self.cfg.amp, seed=self.cfg.seed + 7919 * epoch)
+        return evaluate_accuracy(self.net, x, y, **kw)
 
     def fit(self) -> dict:
         cfg = self.cfg
