@@ -162,9 +162,10 @@ class WassersteinPGD(Attack):
         ``last_radius``: the radius at which each sample was first fooled, 0
             if the clean image was already misclassified, +inf if the attack
             failed; ``last_fooled``: bool, success.
-        ``last_radius_used``: the radius of the last projection of each
-            returned image (0 if it was never projected); its maximum is eps
-            when some sample ran every step.
+        ``last_radius_used``: the radius of the projection that made each
+            returned image (0 if none was accepted: the image is x); its
+            maximum is eps when some sample ran every step and its last
+            projection converged.
         ``last_cost_bound``: radius_used * (1 + residual) of that projection,
             a bound on the transport cost <C, Pi> of its plan from the clean
             image to the projected point (before the clamp), valid to the
