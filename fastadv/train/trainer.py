@@ -614,7 +614,6 @@ class Trainer:
         if k > 1:
             xs, ys = x.chunk(k), y.chunk(k)  # equal parts: the trainer checked that k divides the batch
         for _ in range(self.method.replays):
-            self.optimizer.zero_grad(set_to_none=True)
             losses, correct, n = [], 0, 0
             for i, (xc, yc) in enumerate(zip(xs, ys)):
                 # DDP all-reduces the gradients once, on the last micro-batch
@@ -622,6 +621,8 @@ class Trainer:
                 with sync:
                     with _autocast(self.device, cfg.amp):
                         out = self.method.loss(xc, yc)
+                    if i == 0:  # after the first loss: whatever a method's loss left in .grad is not trained on
+                        self.optimizer.zero_grad(set_to_none=True)
                     # mean over the rank's batch = mean of the k equal micro-batch means
                     self.scaler.scale(out.loss / k if k > 1 else out.loss).backward()
                 losses.append(out.loss.detach())
