@@ -138,7 +138,7 @@ def _tag_calls(atk, name: str, recorder):
     return atk
 
 
-def model_floors(model, x, y, eps, device) -> dict:
+def model_floors(model, x, y, eps, device, n_classes: int = 10) -> dict:
     """The model floor of both cascades (``fastadv.bench.floor``): one untimed run of each through a
     ``ModelCallRecorder``, then the bare model replays the recorded calls (3 times, the minimum). Returns
     {'fastadv standard': {...}, 'torchattacks-100': {...}}, each {'floor_s': {attack: s, 'predict': s},
@@ -152,21 +152,21 @@ def model_floors(model, x, y, eps, device) -> dict:
     rec.tag = "predict"
     names, _ = version_attacks("standard", "linf")
     # the standard version's own attacks (the factory evaluate uses), each tagging its calls
-    named = [(nm, _tag_calls(make_attack(nm, rec, eps, "linf", version="standard", n_classes=10), nm, rec))
-             for nm in names]
+    named = [(nm, _tag_calls(make_attack(nm, rec, eps, "linf", version="standard", n_classes=n_classes), nm,
+                             rec)) for nm in names]
     r = evaluate(rec, (x, y), attacks=named, eps=eps, batch_size=x.shape[0], checks=False, progress=False, seed=0)
-    out["fastadv standard"] = {"floor_s": replay_floor(model, rec.calls, device, repeats=3), "calls": summarize_calls(rec.calls),
-                               "robust_accuracy": r["robust_accuracy"]}
+    out["fastadv standard"] = {"floor_s": replay_floor(model, rec.calls, device, repeats=3),
+                               "calls": summarize_calls(rec.calls), "robust_accuracy": r["robust_accuracy"]}
     try:
         import torchattacks  # noqa: F401
     except ImportError:
         return out
     rec = ModelCallRecorder(model).eval()
     rec.tag = "predict"
-    ref_attacks, ref_names = _reference_attacks(rec, eps)
+    ref_attacks, ref_names = _reference_attacks(rec, eps, n_classes)
     ra = _cascade(rec, ref_attacks, ref_names, x, y, {}, recorder=rec)
-    out["torchattacks-100"] = {"floor_s": replay_floor(model, rec.calls, device, repeats=3), "calls": summarize_calls(rec.calls),
-                               "robust_accuracy": ra}
+    out["torchattacks-100"] = {"floor_s": replay_floor(model, rec.calls, device, repeats=3),
+                               "calls": summarize_calls(rec.calls), "robust_accuracy": ra}
     return out
 
 
@@ -187,6 +187,8 @@ def run(args) -> dict:
     xh, yh = embedded_mnist("heldout")
     x, y = xh[:n].to(device), yh[:n].to(device)
     clean = _accuracy(model, x, y)
+    with torch.no_grad():
+        n_classes = int(model(x[:1]).shape[1])  # a --checkpoint may have other than 10 classes
     notes = [f"model: {model_desc}", f"{n} held-out embedded-MNIST images, Linf eps {args.eps:g}",
              "torchattacks-100 = MultiAttack's cascade of (APGD-CE, APGD-T 9 targets, FAB multi-targeted 9 targets, 100 iterations "
              "each; Square 5000 queries, resc_schedule=False): AutoAttack's standard version at its own settings",
@@ -213,13 +215,13 @@ def run(args) -> dict:
     try:
         import torchattacks as ta
 
-        ref_attacks, ref_names = _reference_attacks(model, args.eps)
+        ref_attacks, ref_names = _reference_attacks(model, args.eps, n_classes)
         variants.append(("torchattacks-100", lambda: (_cascade(model, ref_attacks, ref_names, x, y, split_ref),
                                                       None)))
         if not args.skip_torchattacks_default:
             variants.append(("torchattacks-AutoAttack (10 it.)",
                              torchattacks_with(ta.AutoAttack(model, norm="Linf", eps=args.eps, version="standard",
-                                                             n_classes=10, seed=0))))
+                                                             n_classes=n_classes, seed=0))))
     except ImportError:
         notes.append("torchattacks is not installed: no baseline (pip install --no-deps torchattacks)")
     times = {name: [] for name, _ in variants}
@@ -265,7 +267,7 @@ def run(args) -> dict:
             rows.append(row)
     floors = None
     if not args.no_floor:
-        floors = model_floors(model, x, y, args.eps, device)
+        floors = model_floors(model, x, y, args.eps, device, n_classes)
         _add_floors(rows, floors, notes)
     load_after = list(harness.os.getloadavg()) if hasattr(harness.os, "getloadavg") else None
     return {"rows": rows, "columns": COLUMNS, "notes": notes, "n": n, "eps": args.eps, "repeats": repeats,
