@@ -24,6 +24,12 @@ the first ``--n`` held-out images (``--quick``: 64). Each variant runs
 ``--repeats`` times (default 5, round-robin) and reports min / median / max
 wall time; robust accuracy is the first repeat's (ours is deterministic for a
 seed; torchattacks' seeds are fixed too).
+
+The model floor (``--no-floor`` skips it): one more, untimed run of each
+cascade through ``fastadv.bench.floor.ModelCallRecorder``, then the bare model
+replays exactly the recorded forward/backward calls (3 replays, the minimum
+per attack). Each row gets ``floor_s`` and ``median / floor``, and a note says
+the largest speedup the floor allows (the reference's median over our floor).
 """
 from __future__ import annotations
 
