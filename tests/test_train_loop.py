@@ -164,6 +164,34 @@ _SMALL = ["--dataset", "embedded-mnist", "--train-samples", "256", "--batch-size
           "--no-progress", "--device", "cpu", "--final-eval", "none"]
 
 
+def _start_weights():
+    torch.manual_seed(0)
+    return MnistCNN(width=0.25).state_dict()
+
+
+def _assert_equal_to_rounding(a, b, steps=256 // 64, batch=64):
+    """Deterministic training on 1 and on 2 ranks: equal up to the order of the batch sums. Worst-case float32
+    rounding of a 64-term sum, per step, on weights of this size: steps x batch x 2**-24 x max|w|."""
+    start = _start_weights()
+    for k in a:
+        assert not torch.equal(a[k], start[k])  # it trained
+        tol = steps * batch * 2.0 ** -24 * a[k].abs().max().item()
+        assert (a[k] - b[k]).abs().max().item() <= tol, (k, (a[k] - b[k]).abs().max().item(), tol)
+
+
+def _assert_same_training_other_draws(a, b):
+    """Random starts per rank: the same training (each tensor within half its update of the other run), from
+    other random draws (some tensor differs)."""
+    start = _start_weights()
+    differs = 0
+    for k in a:
+        update = (a[k].double() - start[k].double()).norm().item()
+        diff = (a[k].double() - b[k].double()).norm().item()
+        assert update > 0 and diff < 0.5 * update, (k, diff, update)
+        differs += diff > 0
+    assert differs
+
+
 def test_torchrun_two_processes_match_one(tmp_path):
     # Standard training: deterministic math, so 2 ranks (each half of the 64-image global batch, gradients
     # all-reduced) must equal 1 process up to the order of the batch sum. (PGD-AT is not bit-comparable: a
@@ -172,16 +200,9 @@ def test_torchrun_two_processes_match_one(tmp_path):
     one, two, a, b = _torchrun_pair(tmp_path, [*_SMALL, "--method", "standard"], "std")
     # and 2 ranks x 2 micro-batches of 16 (gradient accumulation, DDP's all-reduce on the last one only)
     _, c = _torchrun_two(tmp_path, [*_SMALL, "--method", "standard", "--grad-accum", "2"], "std2x2")
-    torch.manual_seed(0)
-    start = MnistCNN(width=0.25).state_dict()
-    steps, batch = 256 // 64, 64
-    for k in a:
-        assert not torch.equal(a[k], start[k])  # it trained
-        # Worst-case float32 rounding of a 64-term sum, per step, on weights of this size:
-        # steps x batch x 2**-24 x max|w| (3e-6 here; measured difference at most 1.5e-8, about one ulp).
-        tol = steps * batch * 2.0 ** -24 * a[k].abs().max().item()
-        assert (a[k] - b[k]).abs().max().item() <= tol, (k, (a[k] - b[k]).abs().max().item(), tol)
-        assert (a[k] - c[k]).abs().max().item() <= tol, (k, (a[k] - c[k]).abs().max().item(), tol)
+    # the bound is 3e-6 here; measured difference at most 1.5e-8, about one ulp
+    _assert_equal_to_rounding(a, b)
+    _assert_equal_to_rounding(a, c)
     # the held-out metrics were reduced across ranks (64 images evaluated in total)
     s1 = json.loads(one.stdout.strip().splitlines()[-1])
     s2 = json.loads(two.stdout.strip().splitlines()[-1])
@@ -193,15 +214,7 @@ def test_torchrun_ranks_draw_their_own_random_starts(tmp_path):
     # bits: the same training (weights within a fraction of the update of each other) from different draws.
     _, _, a, b = _torchrun_pair(tmp_path, [*_SMALL, "--method", "pgd", "--steps", "2", "--alpha", "0.05",
                                            "--eps", "0.1"], "pgd")
-    torch.manual_seed(0)
-    start = MnistCNN(width=0.25).state_dict()
-    differs = 0
-    for k in a:
-        update = (a[k].double() - start[k].double()).norm().item()
-        diff = (a[k].double() - b[k].double()).norm().item()
-        assert diff < 0.5 * update, (k, diff, update)  # the same training...
-        differs += diff > 0
-    assert differs  # ...from other random starts
+    _assert_same_training_other_draws(a, b)
     ck = torch.load(tmp_path / "pgd2" / "last.pt", weights_only=True)
     ranks = ck["extra"]["rng_ranks"]  # every rank's stream is in the checkpoint, for the resume
     assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
@@ -295,13 +308,7 @@ def test_torchrun_double_backward_method_matches_one_process(tmp_path):
     # standard training does: DDP's all-reduce fires once per parameter even though the loss holds
     # the first backward's graph (measured: at most 7.5e-9 apart, 0.7% of the bound).
     _, _, a, b = _torchrun_pair(tmp_path, [*_SMALL, "--method", "arub", "--eps", "0.1"], "arub")
-    torch.manual_seed(0)
-    start = MnistCNN(width=0.25).state_dict()
-    steps, batch = 256 // 64, 64
-    for k in a:
-        assert not torch.equal(a[k], start[k])
-        tol = steps * batch * 2.0 ** -24 * a[k].abs().max().item()
-        assert (a[k] - b[k]).abs().max().item() <= tol, (k, (a[k] - b[k]).abs().max().item(), tol)
+    _assert_equal_to_rounding(a, b)
 
 
 def test_torchrun_two_forward_method_matches_one_process_in_distribution(tmp_path):
@@ -310,12 +317,4 @@ def test_torchrun_two_forward_method_matches_one_process_in_distribution(tmp_pat
     # training (each tensor within half its update of the other run; measured at most 0.34%), not the same bits.
     _, _, a, b = _torchrun_pair(tmp_path, [*_SMALL, "--method", "trades", "--steps", "2", "--alpha", "0.05",
                                            "--eps", "0.1"], "trades")
-    torch.manual_seed(0)
-    start = MnistCNN(width=0.25).state_dict()
-    differs = 0
-    for k in a:
-        update = (a[k].double() - start[k].double()).norm().item()
-        diff = (a[k].double() - b[k].double()).norm().item()
-        assert update > 0 and diff < 0.5 * update, (k, diff, update)
-        differs += diff > 0
-    assert differs
+    _assert_same_training_other_draws(a, b)

@@ -215,7 +215,7 @@ def test_attack_drives_undefended_mnist_accuracy_down_with_points_inside_ball_an
     with torch.no_grad():
         fooled = model(x_adv).argmax(1) != y
     adv_acc = 1 - fooled.float().mean().item()
-    assert adv_acc <= 0.2, (clean, adv_acc)
+    assert adv_acc <= 0.15, (clean, adv_acc)
     assert torch.equal(atk.last_fooled, fooled)  # reported successes are real, and all of them are reported
     r = atk.last_radius
     assert r.shape == (64,) and (r[atk.last_fooled] <= 1.0 + 1e-6).all()
