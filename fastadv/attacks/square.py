@@ -205,25 +205,19 @@ class Square(Attack):
         """Uniform +-1 float32."""
         return self._rand_int(2, shape, device).float().mul_(2).sub_(1)
 
-    def _windows(self, n: int, h: int, w: int, s: int, device, count: int = 1):
-        """``count`` random s x s windows per sample: a list of (mask, rr, cc), mask (n, 1, h, w)
-        float32 (1 inside the window), rr (n, h) / cc (n, w) the row / column offsets from its corner.
+    def _window(self, n: int, h: int, w: int, s: int, device):
+        """One random s x s window per sample: (inside (n, 1, h, w) bool, rr (n, h), cc (n, w)), rr / cc the
+        row / column offsets from its corner.
 
         Corners as the reference draws them: floor(U * (H - s)), i.e. uniform on [0, H - s - 1]
-        (0 when s = H); row then column, window after window.
+        (0 when s = H); row then column.
         """
-        rows = _arange(h, device)
-        cols = _arange(w, device)
-        out = []
-        for _ in range(count):
-            vh = self._rand_int(max(h - s, 1), (n,), device)
-            vw = self._rand_int(max(w - s, 1), (n,), device)
-            rr = rows[None, :] - vh[:, None]
-            cc = cols[None, :] - vw[:, None]
-            inside_r = ((rr >= 0) & (rr < s)).float()
-            inside_c = ((cc >= 0) & (cc < s)).float()
-            out.append(((inside_r[:, :, None] * inside_c[:, None, :])[:, None], rr, cc))
-        return out
+        vh = self._rand_int(max(h - s, 1), (n,), device)
+        vw = self._rand_int(max(w - s, 1), (n,), device)
+        rr = _arange(h, device)[None, :] - vh[:, None]
+        cc = _arange(w, device)[None, :] - vw[:, None]
+        inside = ((rr >= 0) & (rr < s))[:, None, :, None] & ((cc >= 0) & (cc < s))[:, None, None, :]
+        return inside, rr, cc
 
     # ------------------------------------------------------------ init
     def _init_linf(self, lo_b, hi_b):
@@ -255,19 +249,15 @@ class Square(Attack):
     # ------------------------------------------------------------ proposals
     def _propose_linf(self, xb, lo_b, hi_b, s):
         n, c, h, w = xb.shape
-        # the window as a bool mask from two 1-D tests (the draws of _windows, without its float mask:
-        # this proposal is most of Square's own cost per iteration)
-        vh = self._rand_int(max(h - s, 1), (n,), xb.device)
-        vw = self._rand_int(max(w - s, 1), (n,), xb.device)
-        rr = _arange(h, xb.device)[None, :] - vh[:, None]
-        cc = _arange(w, xb.device)[None, :] - vw[:, None]
-        inside = ((rr >= 0) & (rr < s))[:, None, :, None] & ((cc >= 0) & (cc < s))[:, None, None, :]
+        inside, _, _ = self._window(n, h, w, s, xb.device)
         up = self._rand_signs((n, c, 1, 1), xb.device) > 0
         return torch.where(inside, torch.where(up, hi_b, lo_b), xb)
 
     def _propose_l2(self, x0, xb, eps, s):
         n, c, h, w = x0.shape
-        (m1, rr, cc), (m2, _, _) = self._windows(n, h, w, s, x0.device, count=2)
+        in1, rr, cc = self._window(n, h, w, s, x0.device)
+        in2, _, _ = self._window(n, h, w, s, x0.device)
+        m1, m2 = in1.float(), in2.float()
         delta = xb - x0
         dsq = delta.square()
         norm_w1 = (dsq * m1).sum((2, 3), keepdim=True).sqrt()  # (n, c, 1, 1), per channel

@@ -256,6 +256,13 @@ class WassersteinPGD(Attack):
         valid = torch.ones(bsz, dtype=torch.bool, device=x.device)  # x_adv[i] is x_valid[i]
         search_radius = torch.zeros(bsz, **new)  # radius of the projection that made x_adv[i]
         upper = hi if self.box == "project" else None
+
+        def accept(rows, z_raw, z, residual, radius):
+            """Rows ``rows`` (index tensor) are now at the converged point z (z_raw before the clamp)."""
+            x_valid[rows] = z
+            used[rows] = radius
+            bound[rows] = radius * (1 + residual)
+            cut[rows] = ((z_raw - z).flatten(1).sum(1) / mass0[rows]).to(rdt)
         active = torch.arange(bsz, device=x.device)
         for t in range(self.steps + 1):
             if active.numel() == 0:
@@ -279,11 +286,9 @@ class WassersteinPGD(Attack):
                     ok = (res_c <= self.accept_tol) & self.fooled(self.logits(zc), y[ci])
                 if ok.any():
                     take = ci[ok]
-                    x_adv[take] = x_valid[take] = zc[ok]
+                    accept(take, rc.z[ok], zc[ok], res_c[ok], search_radius[take])
+                    x_adv[take] = zc[ok]
                     valid[take] = True
-                    used[take] = search_radius[take]
-                    bound[take] = search_radius[take] * (1 + res_c[ok])
-                    cut[take] = ((rc.z - zc)[ok].flatten(1).sum(1) / mass0[take]).to(rdt)
                     fooled[cand[ok]] = True
                 self.last_certified += int(ok.sum())
             if fooled.any():
@@ -301,13 +306,11 @@ class WassersteinPGD(Attack):
                 z = r.z.clamp(lo, hi) if self.box == "clamp" else r.z
                 x_adv[active] = z
                 search_radius[active] = cur[active]
-                ok = r.residual.to(rdt) <= self.accept_tol
+                res = r.residual.to(rdt)
+                ok = res <= self.accept_tol
                 valid[active] = ok
                 good = active[ok]
-                x_valid[good] = z[ok]
-                used[good] = cur[good]
-                bound[good] = cur[good] * (1 + r.residual.to(rdt)[ok])
-                cut[good] = ((r.z - z)[ok].flatten(1).sum(1) / mass0[good]).to(rdt)
+                accept(good, r.z[ok], z[ok], res[ok], cur[good])
                 if self.callback is not None:
                     self.callback(t, x_adv, used, active)
                 if (t + 1) % every == 0:

@@ -335,6 +335,7 @@ class HeldoutImages:
         self.dataset, self.k, self.workers, self.batch_size = dataset, k, int(workers), int(batch_size)
         self.indices = torch.linspace(0, n - 1, k).long().tolist()  # spread over the (sorted) classes
         self._pair = None
+        self._shard_key, self._shard = None, None  # the last (m, rank, world) shard decoded, and it
 
     def _decode(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         sub = torch.utils.data.Subset(self.dataset, indices)
@@ -364,7 +365,7 @@ class HeldoutImages:
         if self._pair is not None:
             return self._pair[0][lo:hi], self._pair[1][lo:hi]
         key = (m, rank, world)
-        if getattr(self, "_shard_key", None) != key:
+        if self._shard_key != key:
             if hi > lo:
                 self._shard = self._decode(self.indices[lo:hi])
             else:
