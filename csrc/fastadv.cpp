@@ -36,6 +36,11 @@ TORCH_LIBRARY(fastadv, m) {
   // ---- Lp PGD steps and projections (issue: foundation) ----
   m.def("linf_step(Tensor x, Tensor x0, Tensor grad, Tensor alpha, Tensor eps, float lo, float hi, Tensor(a!) out) -> ()");
   m.def("l2_step(Tensor x, Tensor x0, Tensor grad, Tensor alpha, Tensor eps, float lo, float hi, Tensor(a!) out) -> ()");
+  // The steps with the public op's value check on x0 folded into their pass
+  // (CPU): the same write to out, and the number of x0 entries outside
+  // [lo, hi] or NaN as a 0-d int64 tensor (0: x0 passed the check).
+  m.def("linf_step_checked(Tensor x, Tensor x0, Tensor grad, Tensor alpha, Tensor eps, float lo, float hi, Tensor(a!) out) -> Tensor");
+  m.def("l2_step_checked(Tensor x, Tensor x0, Tensor grad, Tensor alpha, Tensor eps, float lo, float hi, Tensor(a!) out) -> Tensor");
   m.def("l1_step(Tensor x, Tensor x0, Tensor grad, Tensor alpha, Tensor eps, float sparsity, float lo, float hi, Tensor(a!) out) -> ()");
   m.def("project_linf(Tensor delta, Tensor eps, Tensor? x0, float lo, float hi, Tensor(a!) out) -> ()");
   m.def("project_l2(Tensor delta, Tensor eps, Tensor? x0, float lo, float hi, Tensor(a!) out) -> ()");

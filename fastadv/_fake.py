@@ -34,6 +34,16 @@ for _op in _LP_OPS:
     _register(_op, _fake_lp)
 
 
+def _fake_step_checked(*args):
+    """linf_step_checked / l2_step_checked: out is written, and a 0-d int64 count comes back."""
+    _fake_lp(*args)
+    return args[0].new_empty((), dtype=torch.int64)
+
+
+for _op in ("linf_step_checked", "l2_step_checked"):
+    _register(_op, _fake_step_checked)
+
+
 # ---- Sinkhorn / Wasserstein projection (issue 3) ----------------------------
 def _fake_sinkhorn(a, b, cost, reg, max_iter, tol):
     torch._check(a.dim() == 2 and b.dim() == 2 and cost.dim() == 3, lambda: "sinkhorn: a (B, n), b (B, m), cost (B|1, n, m)")

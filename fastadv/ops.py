@@ -18,7 +18,8 @@ import math
 
 import torch
 
-from fastadv import _dispatch, _fake  # noqa: F401  (_fake registers fake kernels)
+from fastadv import _dispatch, _ext
+from fastadv import _fake  # noqa: F401  (registers the fake kernels)
 from fastadv import _validate as V
 from fastadv._layout import memory_order, output_like, rows
 from fastadv.reference import lp as ref
@@ -70,6 +71,8 @@ for _name, _ref_impl in (
 
 
 def _step_inputs(x, x0, grad, alpha, eps, clip):
+    """Metadata checks and the per-sample (B,) alpha and eps. The value check of x0 (no NaN, inside
+    the box) is the launch's (``_launch(..., x0_box=)``), so it can ride in the kernel's own pass."""
     V.tensor("x", x)
     V.same("x0", x0, "x", x)
     V.same("grad", grad, "x", x)
@@ -77,24 +80,47 @@ def _step_inputs(x, x0, grad, alpha, eps, clip):
     b = x.shape[0]
     alpha_t = V.per_sample("alpha", alpha, b, x.device)
     eps_t = V.per_sample("eps", eps, b, x.device)
-    V.in_box("x0", x0, lo, hi)
     return alpha_t, eps_t, lo, hi
 
 
-def _launch(op: str, like: torch.Tensor, args: tuple, images: tuple[int, ...], out):
-    """Common tail of every op: layout, backend choice, kernel call, write-back.
+# Steps whose CPU kernel can count x0's entries outside the box in the pass that reads x0 anyway
+# (fastadv::<op>_checked). At 256x3x32x32 float32 a separate aminmax pass over x0 is 0.065 ms, as much
+# as half of the kernel (measured on the 2-core EPYC; docs/benchmarks.md has the committed numbers).
+_FOLDED_CHECK = {"linf_step": "linf_step_checked", "l2_step": "l2_step_checked"}
+
+
+def _launch(op: str, like: torch.Tensor, args: tuple, images: tuple[int, ...], out, x0_box=None):
+    """Common tail of every op: layout, backend choice, value check, kernel call, write-back.
 
     ``args`` follows the op's schema (without ``out``); the positions in
     ``images`` hold tensors shaped like ``like``, which are passed to the
     backend as (B, N) rows in like's memory order. None entries pass through.
+    ``x0_box = (x0, lo, hi)`` asks for the value check of x0 (no NaN, inside
+    [lo, hi]) when value checks are on. On the C++ backend the steps fold it
+    into the kernel's pass: the kernel writes ``out`` and counts, and the op
+    raises after the write, so on that error ``out`` (and x, when ``out`` is
+    x) holds the step from the invalid x0. Elsewhere it is a separate pass
+    before the kernel.
     """
+    check = x0_box is not None and V.value_checks_enabled()
     perm = memory_order(like)
     result, out_rows, writeback = output_like(like, out, perm)
     if like.numel() == 0:
         return result
     backend = _dispatch.choose(op, [like])
+    folded = _FOLDED_CHECK.get(op) if (check and backend == "cpp") else None
+    if folded is not None and not _ext.has_op(folded):
+        folded = None  # a build older than the checked ops
+    if check and folded is None:
+        V.in_box("x0", *x0_box)
     call = [rows(a, perm) if (i in images and a is not None) else a for i, a in enumerate(args)]
-    _dispatch.impl(op, backend)(*call, out_rows)
+    if folded is None:
+        _dispatch.impl(op, backend)(*call, out_rows)
+    else:
+        outside = int(getattr(torch.ops.fastadv, folded)(*call, out_rows))
+        if outside:
+            V.in_box("x0", *x0_box)  # raises, naming the span of values
+            raise ValueError(f"x0 has {outside} entries that are NaN or outside the box clip={x0_box[1:]}")
     if writeback is not None:
         writeback()
     return result
@@ -114,9 +140,12 @@ def linf_step(x, x0, grad, alpha, eps, clip=(0.0, 1.0), out=None):
         out: optional output tensor (may alias x for an in-place update).
     Returns:
         y, shape and layout of x. In float32 it equals torchattacks' PGD step bit for bit.
+    Raises:
+        ValueError if x0 holds NaN or leaves the box (when value checks are on). On the C++ backend
+        this check rides in the kernel's pass, so ``out`` has already been written when it raises.
     """
     alpha_t, eps_t, lo, hi = _step_inputs(x, x0, grad, alpha, eps, clip)
-    return _launch("linf_step", x, (x, x0, grad, alpha_t, eps_t, lo, hi), (0, 1, 2), out)
+    return _launch("linf_step", x, (x, x0, grad, alpha_t, eps_t, lo, hi), (0, 1, 2), out, (x0, lo, hi))
 
 
 def l2_step(x, x0, grad, alpha, eps, clip=(0.0, 1.0), out=None):
@@ -129,7 +158,7 @@ def l2_step(x, x0, grad, alpha, eps, clip=(0.0, 1.0), out=None):
     intersected with the box, use ``project_l2(..., x0=, clip=)``.
     """
     alpha_t, eps_t, lo, hi = _step_inputs(x, x0, grad, alpha, eps, clip)
-    return _launch("l2_step", x, (x, x0, grad, alpha_t, eps_t, lo, hi), (0, 1, 2), out)
+    return _launch("l2_step", x, (x, x0, grad, alpha_t, eps_t, lo, hi), (0, 1, 2), out, (x0, lo, hi))
 
 
 def l1_step(x, x0, grad, alpha, eps, sparsity=0.95, clip=(0.0, 1.0), out=None):
@@ -147,7 +176,7 @@ def l1_step(x, x0, grad, alpha, eps, sparsity=0.95, clip=(0.0, 1.0), out=None):
     """
     alpha_t, eps_t, lo, hi = _step_inputs(x, x0, grad, alpha, eps, clip)
     s = V.sparsity(sparsity)
-    return _launch("l1_step", x, (x, x0, grad, alpha_t, eps_t, s, lo, hi), (0, 1, 2), out)
+    return _launch("l1_step", x, (x, x0, grad, alpha_t, eps_t, s, lo, hi), (0, 1, 2), out, (x0, lo, hi))
 
 
 def _project(op, delta, eps, x0, clip, out):

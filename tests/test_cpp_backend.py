@@ -146,3 +146,76 @@ def test_cuda_sources_compile_with_nvcc():
                           timeout=900, env=dict(os.environ, PYTHON=sys.executable))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "FAIL" not in proc.stdout
+
+
+# ---- the steps with the x0 value check folded into their pass (fastadv::<op>_checked)
+CHECKED = ("linf_step", "l2_step")
+needs_checked = pytest.mark.skipif(
+    _ext.EXT_ERROR is not None or not all(_ext.has_op(f"{op}_checked") for op in CHECKED),
+    reason=f"compiled checked steps unavailable (extension older than them?): {_ext.EXT_ERROR}",
+)
+
+
+def _outside_count(x0, lo, hi):
+    x0 = x0.double()
+    return int((~((x0 >= lo) & (x0 <= hi))).sum())  # NaN fails both compares
+
+
+@needs_checked
+@pytest.mark.parametrize("op", CHECKED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_checked_step_writes_the_step_and_counts_x0_outside_the_box(op, dtype):
+    # (3, 40000): rows split over chunks and threads; (8, 777): whole rows. Bad entries at a chunk's
+    # first and last element, NaN, +-inf, and just outside the box, in some rows only.
+    for b, n in ((3, 40000), (8, 777)):
+        x, x0, g, _, alpha, eps = _inputs(b, n, dtype, seed=b)
+        expect = _run(op, (x, x0, g, None, alpha, eps))
+        out = torch.full_like(x, math.nan)
+        count = getattr(torch.ops.fastadv, f"{op}_checked")(x, x0, g, alpha, eps, 0.0, 1.0, out)
+        assert count.dtype == torch.int64 and count.dim() == 0 and int(count) == 0
+        assert torch.equal(out, expect), f"{op} {dtype}: the checked step differs from the step"
+        bad = x0.clone()
+        bad[0, 0] = math.nan
+        bad[0, min(n - 1, 16383)] = 1.0 + 2 ** -6
+        bad[b - 1, n - 1] = -math.inf
+        bad[b - 1, n // 2] = math.inf
+        bad[b - 1, 1] = -(2 ** -6)
+        for lo, hi in ((0.0, 1.0), (-math.inf, math.inf), (0.25, 0.75)):
+            c = getattr(torch.ops.fastadv, f"{op}_checked")(x, bad, g, alpha, eps, lo, hi, out)
+            assert int(c) == _outside_count(bad, lo, hi), f"{op} {dtype} box ({lo}, {hi})"
+
+
+@needs_checked
+@pytest.mark.parametrize("op", CHECKED)
+def test_opcheck_checked_steps(op):
+    x, x0, g, _, alpha, eps = _inputs(3, 37)
+    out = torch.full_like(x, math.nan)
+    torch.library.opcheck(getattr(torch.ops.fastadv, f"{op}_checked"), (x, x0, g, alpha, eps, 0.0, 1.0, out))
+
+
+@needs_checked
+@pytest.mark.parametrize("op", CHECKED)
+def test_public_step_raises_on_bad_x0_with_the_folded_check(op):
+    """On the C++ backend the public step's x0 check runs in the kernel; the errors are those of the
+    separate check (the reference backend's): NaN named, and the span of values outside the box."""
+    import fastadv
+
+    x0 = torch.rand(4, 3, 9, 9)
+    x, g = x0.clone(), torch.randn(4, 3, 9, 9)
+    fn = getattr(fastadv.ops, op)
+    nan_x0 = x0.clone()
+    nan_x0[2, 1, 3, 3] = math.nan
+    wide_x0 = x0.clone()
+    wide_x0[3, 0, 0, 0] = 1.5
+    for backend in ("cpp", "ref"):
+        with fastadv.use_backend(backend):
+            with pytest.raises(ValueError, match="x0 contains NaN"):
+                fn(x, nan_x0, g, 0.01, 0.03)
+            with pytest.raises(ValueError, match=r"x0 must lie in the box clip=\(0, 1\).*1\.5"):
+                fn(x, wide_x0, g, 0.01, 0.03)
+            with fastadv.validation(False):
+                fn(x, wide_x0, g, 0.01, 0.03)  # the check is off: no error
+            # channels_last, the same check
+            with pytest.raises(ValueError, match="x0 contains NaN"):
+                fn(x.to(memory_format=torch.channels_last), nan_x0.to(memory_format=torch.channels_last),
+                   g.to(memory_format=torch.channels_last), 0.01, 0.03)
