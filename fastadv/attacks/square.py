@@ -152,6 +152,14 @@ def _arange(n: int, device) -> torch.Tensor:
     return torch.arange(n, device=device)
 
 
+@functools.lru_cache(maxsize=256)
+def _band_table(h: int, s: int, device) -> torch.Tensor:
+    """(max(h - s, 1), h) bool, row v: the positions v .. v + s - 1 of a length-h axis (read-only)."""
+    pos = torch.arange(h, device=device)
+    corner = torch.arange(max(h - s, 1), device=device)[:, None]
+    return (pos >= corner) & (pos < corner + s)
+
+
 def _norm(t: torch.Tensor) -> torch.Tensor:
     """Per-sample L2 norm of (n, ...) as (n, 1, 1, 1)."""
     return t.reshape(t.shape[0], -1).norm(dim=1).reshape(-1, 1, 1, 1)
@@ -205,18 +213,23 @@ class Square(Attack):
         """Uniform +-1 float32."""
         return self._rand_int(2, shape, device).float().mul_(2).sub_(1)
 
-    def _window(self, n: int, h: int, w: int, s: int, device):
-        """One random s x s window per sample: (inside (n, 1, h, w) bool, rr (n, h), cc (n, w)), rr / cc the
-        row / column offsets from its corner.
+    def _window(self, n: int, h: int, w: int, s: int, device, offsets: bool = False):
+        """One random s x s window per sample: inside, (n, 1, h, w) bool; with ``offsets`` also
+        rr (n, h) and cc (n, w), the row / column offsets from its corner.
 
         Corners as the reference draws them: floor(U * (H - s)), i.e. uniform on [0, H - s - 1]
-        (0 when s = H); row then column.
+        (0 when s = H); row then column. The mask is two lookups into a cached table of
+        row (column) masks per corner (index_select, not advanced indexing): 3 tensor ops instead of 10.
         """
         vh = self._rand_int(max(h - s, 1), (n,), device)
         vw = self._rand_int(max(w - s, 1), (n,), device)
+        rows_in = _band_table(h, s, device).index_select(0, vh).view(n, 1, h, 1)
+        cols_in = _band_table(w, s, device).index_select(0, vw).view(n, 1, 1, w)
+        inside = rows_in & cols_in
+        if not offsets:
+            return inside
         rr = _arange(h, device)[None, :] - vh[:, None]
         cc = _arange(w, device)[None, :] - vw[:, None]
-        inside = ((rr >= 0) & (rr < s))[:, None, :, None] & ((cc >= 0) & (cc < s))[:, None, None, :]
         return inside, rr, cc
 
     # ------------------------------------------------------------ init
@@ -249,14 +262,14 @@ class Square(Attack):
     # ------------------------------------------------------------ proposals
     def _propose_linf(self, xb, lo_b, hi_b, s):
         n, c, h, w = xb.shape
-        inside, _, _ = self._window(n, h, w, s, xb.device)
+        inside = self._window(n, h, w, s, xb.device)
         up = self._rand_signs((n, c, 1, 1), xb.device) > 0
         return torch.where(inside, torch.where(up, hi_b, lo_b), xb)
 
     def _propose_l2(self, x0, xb, eps, s):
         n, c, h, w = x0.shape
-        in1, rr, cc = self._window(n, h, w, s, x0.device)
-        in2, _, _ = self._window(n, h, w, s, x0.device)
+        in1, rr, cc = self._window(n, h, w, s, x0.device, offsets=True)
+        in2 = self._window(n, h, w, s, x0.device)
         m1, m2 = in1.float(), in2.float()
         delta = xb - x0
         dsq = delta.square()
@@ -305,7 +318,9 @@ class Square(Attack):
         ax, ab, ay, am, al, ae = x0[keep], xb[keep], y[keep], mar[keep], loss[keep], e4[keep]
         if self.norm == "linf":
             alo, ahi = lo_b[keep], hi_b[keep]
-        self._observe(rows[idx], al)
+        observe = type(self)._observe is not Square._observe  # the hook's rows[idx] costs ~3 us an iteration
+        if observe:
+            self._observe(rows[idx], al)
         for it in range(evals - 1):
             if idx.numel() == 0:
                 break
@@ -324,7 +339,8 @@ class Square(Attack):
             al = torch.where(l_new < al, l_new, al)
             am = torch.where(better, m_new, am)
             ab = torch.where(better.reshape(-1, 1, 1, 1), x_new, ab)
-            self._observe(rows[idx], al)
+            if observe:
+                self._observe(rows[idx], al)
             done = am <= 0
             if bool(done.any()):
                 gone = idx[done]
