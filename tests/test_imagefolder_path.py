@@ -207,7 +207,8 @@ def test_heldout_shard_decodes_only_its_share_and_evaluates_as_the_slice(folder,
 
 def test_torchrun_heldout_check_runs_on_rank_shards(tmp_path):
     # `fastadv train --dataset imagefolder` on 2 gloo ranks: the per-epoch check decodes each rank's share of
-    # the 7 held-out images (rank 0 images 0-3, rank 1 images 4-6) and reports all 7 (measured 10 s)
+    # the 7 held-out images (rank 0 images 0-3, rank 1 images 4-6) and reports all 7; then the final evaluation
+    # runs sharded on both ranks (measured 64 s in all, 10 s without the final evaluation)
     import os
     import socket
     import subprocess
@@ -225,11 +226,17 @@ def test_torchrun_heldout_check_runs_on_rank_shards(tmp_path):
                         "--data-dir", str(tmp_path / "data"), "--image-size", "16", "--batch-size", "8", "--epochs",
                         "1", "--eval-samples", "7", "--eval-steps", "1", "--method", "standard", "--model",
                         "preact_resnet18", "--workers", "0", "--no-progress", "--device", "cpu", "--final-eval",
-                        "none", "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+                        "fast", "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rec = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     epoch = [e for e in rec if e["type"] == "epoch"][-1]
     assert epoch["n"] == 7 and 0 <= epoch["clean_acc"] <= 1
+    # the final evaluation: batches of ceil(7 / 2) = 4, rank 1 evaluates images 4-6 from its own decode (rank 0
+    # holds all 7: the checks' 128 samples), and the report covers all 7
+    summary = json.loads([line for line in r.stdout.splitlines() if line.startswith("{")][-1])
+    assert summary["final_eval"]["n"] == 7 and summary["final_eval"]["heldout_images_held"] == 7
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert report["world_size"] == 2 and report["settings"]["batch_size"] == 4
 
 
 def test_val_jpeg_draft_decode_is_close_to_a_full_decode(tmp_path):
@@ -331,3 +338,24 @@ def test_dry_run_prints_the_plan_and_the_checkpoint_size(folder, tmp_path, capsy
     est = plan["checkpoint"]["total_bytes"]
     # tensors are the bulk; the zip container, RNG states and config add tens of kB (measured 66 kB here)
     assert est <= actual <= est + 200_000, (est, actual)
+
+
+def test_heldout_eval_batches_decode_only_what_the_rank_reads(folder, monkeypatch):
+    # the final evaluation under torchrun: rank r decodes its own batches (i % world == r), batch 0 (evaluate
+    # validates it on every rank) and, on rank 0, the batches holding the checks' first `keep` images
+    val = ImageFolder(folder, train=False, size=16)
+    held = HeldoutImages(val, 10, workers=0)
+    seen = []
+    get = type(val).__getitem__
+    monkeypatch.setattr(type(val), "__getitem__", lambda self, i: seen.append(i) or get(self, i))
+    batches = held.eval_batches(10, 2, 4, batch_size=3)  # spans 0-2, 3-5, 6-8, 9: rank 2 reads batch 2
+    assert [b[0].shape[0] for b in batches] == [3, 3, 3, 1] and held.decoded_here == 6
+    assert seen == held.indices[0:3] + held.indices[6:9] and not held.decoded
+    for i in (1, 3):  # placeholders: the right shape, no memory
+        assert batches[i][0].shape == (batches[i][0].shape[0], 3, 16, 16) and batches[i][0].stride() == (0, 0, 0, 0)
+    seen.clear()
+    rank0 = held.eval_batches(10, 0, 4, batch_size=3, keep=5)  # batch 1 holds images 3-5: the checks need 3, 4
+    assert seen == held.indices[0:6] and held.decoded_here == 6
+    x, y = held
+    for got, (lo, hi) in ((batches[0], (0, 3)), (batches[2], (6, 9)), (rank0[1], (3, 6))):
+        assert torch.equal(got[0], x[lo:hi]) and torch.equal(got[1], y[lo:hi])

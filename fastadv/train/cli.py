@@ -432,11 +432,16 @@ def run(args) -> int:
               f"model {model_name}{f' (width {width:g})' if width is not None else ''}, {cfg.epochs} epoch(s), batch {cfg.batch_size}, device {trainer.device}, "
               f"world size {trainer.dist.world_size}, amp {cfg.amp or 'fp32'}; output in {cfg.out_dir}", file=sys.stderr)
         print(f"fastadv train: {method.name} settings {json.dumps(method.describe(), default=str)}", file=sys.stderr)
+    final, headline = {}, None
     try:
         result = trainer.fit()
+        wall = time.perf_counter() - t0
+        if not result["stopped"] and args.final_eval != "none" and held is not None:
+            # Every rank, before the process group goes: under torchrun fastadv.evaluate shards the held-out
+            # batches across the ranks and gathers them (rank 0 runs the checks and writes the report).
+            headline = final_evaluation(net, held, args, cfg, trainer.device, final)
     finally:
         D.cleanup()
-    wall = time.perf_counter() - t0
     if trainer.is_main:
         if result["stopped"]:
             print(f"stopped; resume with: fastadv train {' '.join(sys.argv[2:])} --resume".replace(" --resume --resume",
@@ -450,9 +455,7 @@ def run(args) -> int:
             print(f"per-epoch check: clean {100 * result['clean_acc']:.2f}%, PGD-{cfg.eval_steps} "
                   f"{100 * result['robust_acc']:.2f}% ({summary['eval']}); PGD alone overstates robustness, "
                   "see the evaluation below")
-        headline = None
-        if args.final_eval != "none" and held is not None:
-            headline = final_evaluation(net, held, args, cfg, trainer.device, summary)
+        summary.update(final)
         summary["wall_time_s"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(summary))
         if headline:
@@ -518,18 +521,34 @@ def final_evaluation(net, held, args, cfg, device, summary) -> str:
     """
     import pathlib
 
+    from fastadv.data.loader import HeldoutImages
     from fastadv.evaluation import evaluate
+    from fastadv.train import distributed as D
 
-    held = tuple(held)  # the (x, y) pair (a lazily decoded fastadv.data.loader.HeldoutImages decodes here)
-    n = args.final_eval_samples or cfg.eval_samples or held[0].shape[0]
-    out = pathlib.Path(cfg.out_dir) / "eval" if cfg.out_dir else None
+    check_samples = 128  # evaluate's default, named here: rank 0 decodes these for the checks
+    world, rank = D.info().world_size, D.info().rank
     t = time.perf_counter()
-    report = evaluate(net.eval(), held, eps=cfg.eval_eps, version=args.final_eval, n=n, device=device,
-                      out_dir=out, progress=not args.no_progress, seed=args.seed, batch_size=500)
+    if isinstance(held, HeldoutImages) and world > 1 and not held.decoded:
+        # Under torchrun each rank decodes only the batches it evaluates (plus batch 0, and rank 0 the checks'
+        # samples), not the whole held-out set. Batches of ceil(n / world), at most 500, so that every rank
+        # has one when n allows (500 on 2 ranks and 1000 images: the single-process batches).
+        n = min(args.final_eval_samples or cfg.eval_samples or held.k, held.k)
+        bs = min(500, -(-n // world))
+        data = held.eval_batches(n, rank, world, batch_size=bs, keep=check_samples)
+        held_here = held.decoded_here
+    else:
+        data = tuple(held)  # the (x, y) pair (a lazily decoded HeldoutImages decodes here)
+        n, bs = args.final_eval_samples or cfg.eval_samples or data[0].shape[0], 500
+        held_here = data[0].shape[0]
+    out = pathlib.Path(cfg.out_dir) / "eval" if cfg.out_dir else None
+    report = evaluate(net.eval(), data, eps=cfg.eval_eps, version=args.final_eval, n=n, device=device,
+                      out_dir=out, progress=not args.no_progress, seed=args.seed, batch_size=bs,
+                      check_samples=check_samples)
     names = " + ".join(a.upper() for a in report["attacks"])
     summary["final_eval"] = {"version": args.final_eval, "attacks": list(report["attacks"]), "n": report["n"],
                              "clean_acc": report["clean_accuracy"], "robust_acc": report["robust_accuracy"],
                              "suspicious": report["suspicious"], "time_s": round(time.perf_counter() - t, 1),
+                             "heldout_images_held": held_here,  # by this rank (rank 0 prints the summary)
                              "report": str(out / "report.md") if out else None}
     line = (f"robust accuracy {100 * report['robust_accuracy']:.2f}% under {names} (fastadv.evaluate version "
             f"'{args.final_eval}', Linf eps={cfg.eval_eps:g}, {report['n']} held-out images; clean "
