@@ -35,6 +35,22 @@ void check_step(const at::Tensor& x, const at::Tensor& x0, const at::Tensor& gra
   check_box(lo, hi);
 }
 
+// The body of the linf / l2 step ops: the argument checks, then impl(dtype tag) under the dtype
+// dispatch (nothing for an empty batch). impl returns the `_checked` ops' count of x0 entries outside
+// the box; the plain ops ignore it.
+template <class Impl>
+int64_t run_step(const at::Tensor& x, const at::Tensor& x0, const at::Tensor& grad, const at::Tensor& alpha,
+                 const at::Tensor& eps, double lo, double hi, const at::Tensor& out, const Impl& impl) {
+  check_step(x, x0, grad, alpha, eps, lo, hi, out);
+  int64_t outside = 0;
+  if (x.numel() == 0) return outside;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastadv_step_cpu",
+                                  [&] { outside = impl(scalar_t{}); });
+  return outside;
+}
+
+inline at::Tensor count_tensor(int64_t n) { return at::scalar_tensor(n, at::TensorOptions().dtype(at::kLong)); }
+
 // ------------------------------------------------------------ linf_step
 // y = clamp(x0 + clamp((x + alpha * sign(g)) - x0, -eps, eps), lo, hi), in
 // exactly the reference's order of float operations (the build uses
@@ -90,25 +106,17 @@ int64_t linf_step_impl(const at::Tensor& x, const at::Tensor& x0, const at::Tens
 
 void linf_step_cpu(const at::Tensor& x, const at::Tensor& x0, const at::Tensor& grad, const at::Tensor& alpha,
                    const at::Tensor& eps, double lo, double hi, const at::Tensor& out) {
-  check_step(x, x0, grad, alpha, eps, lo, hi, out);
-  if (x.numel() == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastadv_linf_step_cpu", [&] {
-    linf_step_impl<scalar_t, false>(x, x0, grad, alpha, eps, lo, hi, out);
-  });
+  run_step(x, x0, grad, alpha, eps, lo, hi, out,
+           [&](auto t) { return linf_step_impl<decltype(t), false>(x, x0, grad, alpha, eps, lo, hi, out); });
 }
 
 // linf_step, and the number of x0 entries outside [lo, hi] or NaN (0-d int64).
 at::Tensor linf_step_checked_cpu(const at::Tensor& x, const at::Tensor& x0, const at::Tensor& grad,
                                  const at::Tensor& alpha, const at::Tensor& eps, double lo, double hi,
                                  const at::Tensor& out) {
-  check_step(x, x0, grad, alpha, eps, lo, hi, out);
-  int64_t outside = 0;
-  if (x.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastadv_linf_step_checked_cpu", [&] {
-      outside = linf_step_impl<scalar_t, true>(x, x0, grad, alpha, eps, lo, hi, out);
-    });
-  }
-  return at::scalar_tensor(outside, at::TensorOptions().dtype(at::kLong));
+  return count_tensor(run_step(x, x0, grad, alpha, eps, lo, hi, out, [&](auto t) {
+    return linf_step_impl<decltype(t), true>(x, x0, grad, alpha, eps, lo, hi, out);
+  }));
 }
 
 // -------------------------------------------------------------- l2_step
@@ -236,25 +244,17 @@ int64_t l2_step_impl(const at::Tensor& x, const at::Tensor& x0, const at::Tensor
 
 void l2_step_cpu(const at::Tensor& x, const at::Tensor& x0, const at::Tensor& grad, const at::Tensor& alpha,
                  const at::Tensor& eps, double lo, double hi, const at::Tensor& out) {
-  check_step(x, x0, grad, alpha, eps, lo, hi, out);
-  if (x.numel() == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastadv_l2_step_cpu", [&] {
-    l2_step_impl<scalar_t, false>(x, x0, grad, alpha, eps, lo, hi, out);
-  });
+  run_step(x, x0, grad, alpha, eps, lo, hi, out,
+           [&](auto t) { return l2_step_impl<decltype(t), false>(x, x0, grad, alpha, eps, lo, hi, out); });
 }
 
 // l2_step, and the number of x0 entries outside [lo, hi] or NaN (0-d int64).
 at::Tensor l2_step_checked_cpu(const at::Tensor& x, const at::Tensor& x0, const at::Tensor& grad,
                                const at::Tensor& alpha, const at::Tensor& eps, double lo, double hi,
                                const at::Tensor& out) {
-  check_step(x, x0, grad, alpha, eps, lo, hi, out);
-  int64_t outside = 0;
-  if (x.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastadv_l2_step_checked_cpu", [&] {
-      outside = l2_step_impl<scalar_t, true>(x, x0, grad, alpha, eps, lo, hi, out);
-    });
-  }
-  return at::scalar_tensor(outside, at::TensorOptions().dtype(at::kLong));
+  return count_tensor(run_step(x, x0, grad, alpha, eps, lo, hi, out, [&](auto t) {
+    return l2_step_impl<decltype(t), true>(x, x0, grad, alpha, eps, lo, hi, out);
+  }));
 }
 
 // -------------------------------------------------------------- l1_step
