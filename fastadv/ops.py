@@ -86,7 +86,9 @@ def _step_inputs(x, x0, grad, alpha, eps, clip):
 # Steps whose CPU kernel can count x0's entries outside the box in the pass that reads x0 anyway
 # (fastadv::<op>_checked). At 256x3x32x32 float32 a separate aminmax pass over x0 is 0.065 ms, as much
 # as half of the kernel (measured on the 2-core EPYC; docs/benchmarks.md has the committed numbers).
-_FOLDED_CHECK = {"linf_step": "linf_step_checked", "l2_step": "l2_step_checked"}
+# Only the ops the loaded extension defines (a build older than the checked ops keeps the separate check).
+_FOLDED_CHECK = {op: checked for op, checked in (("linf_step", "linf_step_checked"), ("l2_step", "l2_step_checked"))
+                 if _ext.has_op(checked)}
 
 
 def _launch(op: str, like: torch.Tensor, args: tuple, images: tuple[int, ...], out, x0_box=None):
@@ -109,20 +111,19 @@ def _launch(op: str, like: torch.Tensor, args: tuple, images: tuple[int, ...], o
         return result
     backend = _dispatch.choose(op, [like])
     folded = _FOLDED_CHECK.get(op) if (check and backend == "cpp") else None
-    if folded is not None and not _ext.has_op(folded):
-        folded = None  # a build older than the checked ops
     if check and folded is None:
         V.in_box("x0", *x0_box)
     call = [rows(a, perm) if (i in images and a is not None) else a for i, a in enumerate(args)]
+    outside = 0
     if folded is None:
         _dispatch.impl(op, backend)(*call, out_rows)
     else:
         outside = int(getattr(torch.ops.fastadv, folded)(*call, out_rows))
-        if outside:
-            V.in_box("x0", *x0_box)  # raises, naming the span of values
-            raise ValueError(f"x0 has {outside} entries that are NaN or outside the box clip={x0_box[1:]}")
     if writeback is not None:
         writeback()
+    if outside:  # after the write-back, so out holds the step in every layout, as documented
+        V.in_box("x0", *x0_box)  # raises, naming the span of values
+        raise ValueError(f"x0 has {outside} entries that are NaN or outside the box clip={x0_box[1:]}")
     return result
 
 
