@@ -293,3 +293,21 @@ def test_feature_taps_fire_under_torch_compile(batch):
         torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)  # aot_eager decomposes ops: float32 rounding
         for a, b in zip(ga, gb):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_mnist_cnn_feature_norm_puts_unit_norm_features_before_the_head_that_afd_reads():
+    from fastadv.models import MnistCNN
+
+    torch.manual_seed(0)
+    net = MnistCNN(width=0.25, feature_norm=True)
+    afd = _bind(AFD(eps=0.1, steps=2), net)
+    x = torch.rand(6, 1, 28, 28)
+    h, logits = afd._features(x)
+    assert afd._head is net[-1] and h.shape == (6, 256)
+    torch.testing.assert_close(h.norm(dim=1), torch.ones(6))  # what the head and the critic see
+    torch.testing.assert_close(logits, net[-1](h))
+    plain = MnistCNN(width=0.25)
+    assert len(plain) == len(net) - 1  # off by default: the Madry architecture and its state_dict keys
+    with pytest.raises(ValueError, match="feature_norm must be True or False"):
+        MnistCNN(feature_norm=1)
+    afd.release()

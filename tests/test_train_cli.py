@@ -66,6 +66,23 @@ def test_mnist_presets_of_dial_and_afd_fill_unset_terms():
     assert a.critic_lr == 0.5 and a.eps == 0.3
 
 
+def _model_kwargs(argv, model="mnist_cnn"):
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    args = p.parse_args(argv)
+    return cli.model_kwargs(args, cli.DATASET_DEFAULTS[args.dataset], model, (1, 28, 28))
+
+
+def test_afd_gets_the_reference_encoders_unit_norm_features_and_others_do_not():
+    assert _model_kwargs(["--method", "afd"]) == {"width": 0.5, "feature_norm": True}
+    assert _model_kwargs(["--method", "afd", "--no-feature-norm"]) == {"width": 0.5}
+    assert _model_kwargs(["--method", "pgd"]) == {"width": 0.5}
+    assert _model_kwargs(["--method", "pgd", "--feature-norm"])["feature_norm"] is True
+    assert "feature_norm" not in _model_kwargs(["--method", "afd"], model="preact_resnet18")
+    with pytest.raises(SystemExit, match="--feature-norm: only mnist_cnn"):
+        _model_kwargs(["--method", "afd", "--feature-norm"], model="preact_resnet18")
+
+
 @pytest.mark.parametrize("name,kw", [("metric", {}), ("iat", {"mixup": "manifold", "mix_layers": ("input", "2")})])
 def test_hook_methods_refuse_a_compiled_model(name, kw):
     # a forward hook added per call never fires under torch.compile: refuse instead of silently training

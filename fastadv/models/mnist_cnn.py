@@ -8,11 +8,28 @@ channel and hidden sizes, e.g. width=0.25 for fast tests).
 """
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 
+class L2Normalize(nn.Module):
+    """h / max(||h||_2, 1e-12) over dim 1 (F.normalize): features on the unit sphere."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.normalize(h, dim=1)
+
+
 class MnistCNN(nn.Sequential):
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: float = 1.0, input_size: int = 28):
+    """See the module docstring. ``feature_norm=True`` puts :class:`L2Normalize` between the hidden
+    ReLU and the last linear layer, so the classifier (and a feature critic on its input) sees unit-norm
+    features: the encoder of AFD's reference code (BashivanLab/afd ``lenetnorm`` / ``resnet18norm``
+    normalize their features the same way). Its logits are then bounded by the last layer's row norms."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: float = 1.0, input_size: int = 28,
+                 feature_norm: bool = False):
+        if not isinstance(feature_norm, bool):
+            raise ValueError(f"feature_norm must be True or False, got {feature_norm!r}")
         c1, c2, h = max(1, int(32 * width)), max(1, int(64 * width)), max(1, int(1024 * width))
         s = input_size // 4  # two 2x2 pools; 'same' padding keeps the conv sizes
         super().__init__(
@@ -25,5 +42,6 @@ class MnistCNN(nn.Sequential):
             nn.Flatten(),
             nn.Linear(c2 * s * s, h),
             nn.ReLU(),
+            *([L2Normalize()] if feature_norm else []),
             nn.Linear(h, num_classes),
         )

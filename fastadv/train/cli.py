@@ -64,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-dir", help="dataset folder (mnist, cifar10, imagefolder)")
     g.add_argument("--model", help="mnist_cnn | preact_resnet18 | wrn34_10 | resnet50 (default: by dataset)")
     g.add_argument("--width", type=float, help="mnist_cnn width multiplier (default 0.5 on MNIST, else 1)")
+    g.add_argument("--feature-norm", action=argparse.BooleanOptionalAction,
+                   help="mnist_cnn: L2-normalize the penultimate features before the last layer (default on for "
+                        "--method afd, whose reference encoder does so; off otherwise)")
     g.add_argument("--ensemble-size", type=int,
                    help="train an ensemble of M models of --model (fastadv.models.Ensemble, logits averaged); "
                         "--method trs needs one (default 3 there)")
@@ -126,7 +129,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--inv-bank", type=int,
                    help="metric: reference bank size, a fixed random subset of the training set (default 2000)")
     m.add_argument("--no-random-start", action="store_true", help="pgd/fat: start the attack at x (deterministic)")
-    m.add_argument("--eps-warmup", type=float, help="pgd: ramp eps from 0 over this fraction of the steps")
+    m.add_argument("--eps-warmup", type=float, help="ramp the inner attack's eps and alpha linearly from ~0 over this fraction of the "
+                        "training steps (any method with an eps; default 0.3 for pgd/awp on MNIST, else 0)")
     m.add_argument("--attack-mode", choices=("train", "eval"), help="batch-norm mode during the inner attack")
     m.add_argument("--method-arg", action="append", default=[], metavar="NAME=VALUE",
                    help="any keyword argument of the method's constructor (repeatable), e.g. --method-arg "
@@ -254,6 +258,23 @@ def attack_from_dataset_for(args, d, method: str) -> bool:
     return not d.get("paper_method_defaults") or method == "pgd"
 
 
+def model_kwargs(args, d, model_name: str, shape) -> dict:
+    """The constructor options of ``--model`` (recorded in the checkpoint): mnist_cnn's width, its
+    feature normalization (on by default for AFD, as the AFD reference's encoder), its input shape."""
+    kw = {}
+    width = args.width if args.width is not None else (d.get("width") if model_name == "mnist_cnn" else None)
+    if width is not None:
+        kw["width"] = width
+    feature_norm = args.feature_norm if args.feature_norm is not None else args.method == "afd"
+    if feature_norm and model_name == "mnist_cnn":
+        kw["feature_norm"] = True
+    elif args.feature_norm:
+        raise SystemExit(f"fastadv train --feature-norm: only mnist_cnn has it, not --model {model_name}")
+    if model_name == "mnist_cnn" and shape[0] != 1:
+        kw.update(in_channels=shape[0], input_size=shape[1])
+    return kw
+
+
 def build_method(args, d, model_builder):
     from fastadv.train.methods import METHODS, load_static_model
 
@@ -327,7 +348,14 @@ def build_method(args, d, model_builder):
             raise SystemExit("fastadv train --method ensemble needs --static-models ckpt1.pt[,ckpt2.pt...] "
                              "(pre-trained models of the same --model; e.g. from earlier `fastadv train` runs)")
         kwargs["static_models"] = [load_static_model(pth, build=model_builder) for pth in paths]
-    return cls(**kwargs)
+    method = cls(**kwargs)
+    if args.eps_warmup is not None and "eps_warmup" not in kwargs:
+        # every other method: Method.set_eps_warmup (on AWP's base, which runs the attack)
+        try:
+            getattr(method, "base", method).set_eps_warmup(args.eps_warmup)
+        except ValueError as e:
+            raise SystemExit(f"fastadv train --eps-warmup: {e}") from None
+    return method
 
 
 def run(args) -> int:
@@ -350,12 +378,8 @@ def run(args) -> int:
     model_name = args.model or d["model"]
     if args.threads:
         torch.set_num_threads(args.threads)
-    kw = {}
-    width = args.width if args.width is not None else (d.get("width") if model_name == "mnist_cnn" else None)
-    if width is not None:
-        kw["width"] = width
-    if model_name == "mnist_cnn" and shape[0] != 1:
-        kw.update(in_channels=shape[0], input_size=shape[1])
+    kw = model_kwargs(args, d, model_name, shape)
+    width = kw.get("width")
 
     def build_one():
         return get_model(model_name, num_classes=num_classes, normalize=d["normalize"] if model_name != "mnist_cnn"
@@ -476,6 +500,7 @@ def run_boosted(args, build_one, train, held, cfg, method, t0) -> int:
         raise SystemExit(f"fastadv train: --members must be >= 1, got {args.members}")
     kwargs = {k: v for k, v in method.describe().items() if k in inspect.signature(type(method).__init__).parameters
               and k != "frozen"}
+    kwargs["eps_warmup"] = getattr(method, "eps_warmup", 0.0)  # Method.set_eps_warmup, not a constructor argument
     per_member = []
 
     def report(t, member, result):

@@ -102,12 +102,24 @@ class AFD(Method):
     MNIST (``AFD_MNIST``): eps 0.3, 40 iterations, critic_lr 0.5, milestones
     50 and 80 of 100 epochs.
 
+    Features on the unit sphere: the reference encoders ('resnet18norm',
+    'lenetnorm') L2-normalize the features that both the head and the
+    critic read. AFD needs it: with the linear WGAN loss and a piecewise
+    linear critic, D(c h) ~ c D(h), so an encoder with raw features lowers
+    L_E without bound by scaling them; at the MNIST lrs (0.5, SGD momentum
+    0.9) our MnistCNN without normalization gave a NaN loss at step 11
+    (docs/reproduction.md). ``fastadv train --method afd`` therefore builds
+    ``MnistCNN(feature_norm=True)`` (``--no-feature-norm`` to turn it off;
+    other models: give the network an L2 normalization before its head).
+    The normalized model's logits are bounded by the head's row norms, so
+    it needs the code's classifier optimizer (SGD lr 0.1, weight decay
+    1e-4): with Adam 1e-3 it was at 12.6% clean after 80 steps, with SGD
+    0.1 at 66.6% (embedded MNIST, 4,000 images, 2 epochs).
+
     Deliberate differences: our APGD returns a fooled sample's first fooling
     iterate (AutoAttack's, its last); the critic step computes the features
     without gradient (the code backpropagates into E and discards it: same
-    critic update); the reference encoder 'resnet18norm' L2-normalizes the
-    features inside the network, ours are the network's own (normalizing
-    them would change the evaluated model); spectral norm is the
+    critic update); spectral norm is the
     parametrization (15 power iterations at construction, the code's
     ``utils.spectral_norm`` none); no gradient penalty, no Adam option, and
     the code's ``dis_iters`` (encoder update on a random 1/dis_iters of the

@@ -118,8 +118,51 @@ def tracks_running_stats(net: nn.Module) -> bool:
                for m in net.modules())
 
 
+class _RampedRadius:
+    """``method.eps`` / ``method.alpha``: the configured value times the method's eps ramp factor.
+
+    The configured value lives in the instance ``__dict__`` under the same name (so ``vars(method)``,
+    ``describe()`` and the checkpoint metadata show what was configured); this data descriptor, which
+    takes precedence over the instance ``__dict__``, returns it scaled by ``method.eps_ramp_factor()``
+    (1 unless ``eps_warmup`` > 0), so every method's inner attack reads the ramped radius and step
+    without code of its own. ``None`` (a default resolved later) and missing values pass through.
+    """
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        try:
+            value = obj.__dict__[self.name]
+        except KeyError:
+            raise AttributeError(f"{type(obj).__name__!r} object has no attribute {self.name!r}") from None
+        if value is None or obj.__dict__.get("eps_warmup", 0.0) <= 0:
+            return value
+        return value * obj.eps_ramp_factor()
+
+    def __set__(self, obj, value):
+        obj.__dict__[self.name] = value
+
+    def __delete__(self, obj):
+        del obj.__dict__[self.name]
+
+
 class Method:
-    """Base class: standard training, CE(f(x), y). Subclasses override ``loss``."""
+    """Base class: standard training, CE(f(x), y). Subclasses override ``loss``.
+
+    eps warm-up (any method with an ``eps``): with ``eps_warmup = f`` > 0 (``set_eps_warmup(f)``,
+    ``fastadv train --eps-warmup f``), ``self.eps`` and ``self.alpha`` read the configured values times
+    min(1, (t + 1) / (f T)) at optimizer step t of T, so the inner attack's radius and step grow
+    linearly from ~0 to the configured ones over the first fraction f of training; ``eps_target`` /
+    ``alpha_target`` are the configured values. Not part of any of the papers' methods (off by
+    default); short large-eps MNIST runs need it (without it most methods collapse to a constant
+    prediction in 80 steps at eps 0.3: docs/reproduction.md).
+    """
+
+    eps = _RampedRadius()
+    alpha = _RampedRadius()
 
     name = "standard"
     replays = 1
@@ -151,13 +194,35 @@ class Method:
         """Called before each batch with the optimizer steps taken so far and the run's total."""
         self.step, self.total_steps = int(step), int(total_steps)
 
-    def ramp(self, eps: float, warmup: float) -> float:
-        """eps scaled linearly from 0 over the first ``warmup`` fraction of the steps
-        (a warm-up that keeps large-eps MNIST training from collapsing to chance early on)."""
+    def eps_ramp_factor(self) -> float:
+        """min(1, (t + 1) / (eps_warmup * T)) at optimizer step t of T (1 when eps_warmup is 0): the share
+        of the configured eps and alpha in use at this step (a warm-up that keeps large-eps MNIST training
+        from collapsing to a constant prediction early on)."""
+        warmup = self.__dict__.get("eps_warmup", 0.0)
         if warmup <= 0:
-            return eps
+            return 1.0
         done = (getattr(self, "step", 0) + 1) / max(1.0, warmup * getattr(self, "total_steps", 1))
-        return eps * min(1.0, done)
+        return min(1.0, done)
+
+    @property
+    def eps_target(self):
+        """The configured eps (``self.eps`` is it times the warm-up factor)."""
+        return self.__dict__.get("eps")
+
+    @property
+    def alpha_target(self):
+        """The configured alpha (``self.alpha`` is it times the warm-up factor)."""
+        return self.__dict__.get("alpha")
+
+    def set_eps_warmup(self, fraction: float) -> "Method":
+        """Ramp eps and alpha linearly from ~0 over the first ``fraction`` of the optimizer steps (0: off)."""
+        fraction = _check_pos("eps_warmup", fraction)
+        if fraction > 0 and self.eps_target is None:
+            raise ValueError(f"eps_warmup: method {self.name!r} has no eps to ramp")
+        if fraction > 1:
+            raise ValueError(f"eps_warmup must be a fraction of the training steps in [0, 1], got {fraction!r}")
+        self.eps_warmup = fraction
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The training forward (through DDP); float32 logits."""

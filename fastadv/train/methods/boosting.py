@@ -180,7 +180,7 @@ def _finished_member(path: pathlib.Path):
 def train_boosted(build_member: Callable[[], nn.Module], n_members: int, train, heldout=None, config=None, *,
                   members: Sequence[nn.Module] = (), persistent: bool = False,
                   callback: Callable[[int, nn.Module, dict], None] | None = None, vectorize="auto",
-                  **method_kwargs) -> Ensemble:
+                  eps_warmup: float = 0.0, **method_kwargs) -> Ensemble:
     """Grow an ensemble by margin boosting: one ``Trainer(member, MarginBoost(frozen=earlier), ...).fit()`` per member.
 
     The reference's ladder loop (zdhNarsil/Margin-Boosting
@@ -210,6 +210,7 @@ def train_boosted(build_member: Callable[[], nn.Module], n_members: int, train, 
             Trainer's own per-epoch numbers are of the member alone, the
             reference's ``ensemble_test`` those of the ensemble).
         vectorize: the ``Ensemble``'s and the attack ensemble's ``vectorize``.
+        eps_warmup: each member's eps ramp (``Method.set_eps_warmup``; over that member's steps).
         method_kwargs: ``MarginBoost`` arguments (eps, alpha, steps, mce_weight, loss_on, ...).
     Returns:
         ``Ensemble(members, combine='logits')`` in eval mode. If training stops
@@ -237,7 +238,7 @@ def train_boosted(build_member: Callable[[], nn.Module], n_members: int, train, 
         else:
             if persistent and members:
                 net.load_state_dict(members[-1].state_dict())
-            method = MarginBoost(frozen=members, vectorize=vectorize, **method_kwargs)
+            method = MarginBoost(frozen=members, vectorize=vectorize, **method_kwargs).set_eps_warmup(eps_warmup)
             result = Trainer(net, method, train, heldout, sub).fit()
             if result["stopped"]:
                 if not members:

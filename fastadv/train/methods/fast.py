@@ -121,7 +121,7 @@ class FastATEarlyStop:
         batch = getattr(trainer.method, "first_batch", None)
         if batch is None:
             raise TypeError("FastATEarlyStop needs a method that records its first batch (FastAT)")
-        eps = self.eps if self.eps is not None else trainer.method.eps
+        eps = self.eps if self.eps is not None else trainer.method.eps_target  # the threat model, not a warm-up's
         acc = self.robust_accuracy(trainer.net, *batch, eps, trainer.cfg.amp, seed=trainer.cfg.seed + trainer.epoch)
         self.history.append(acc)
         if acc - self.prev_acc < -self.drop and self.best is not None:

@@ -33,14 +33,12 @@ class PGDAT(Method):
         self.eps, self.alpha = _check_pos("eps", eps), _check_pos("alpha", alpha)
         self.steps = _check_int("steps", steps, 1)
         self.norm, self.random_start, self.attack_mode = norm, bool(random_start), attack_mode
-        self.eps_warmup = _check_pos("eps_warmup", eps_warmup)
+        self.set_eps_warmup(eps_warmup)  # eps and alpha read ramped (Method.eps_ramp_factor)
 
     def attack(self):
         from fastadv.attacks import PGD
 
-        eps = self.ramp(self.eps, self.eps_warmup)
-        alpha = self.alpha * eps / self.eps if self.eps > 0 else self.alpha
-        return PGD(self.ctx.attack_net, eps=eps, alpha=alpha, steps=self.steps, norm=self.norm,
+        return PGD(self.ctx.attack_net, eps=self.eps, alpha=self.alpha, steps=self.steps, norm=self.norm,
                    random_start=self.random_start, **self.attack_kwargs())
 
     def perturb(self, x, y):

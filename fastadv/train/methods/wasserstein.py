@@ -45,17 +45,17 @@ class WassersteinAT(Method):
         self.eps_growth = _check_pos("eps_growth", eps_growth, allow_zero=False)
         self.attack_mode = attack_mode
         self.extra = {**self.TRAINING_ATTACK, **attack_kwargs}
-        self.current_eps = self.eps if self.eps_start is None else self.eps_start
+        self.current_eps = self.eps_target if self.eps_start is None else self.eps_start
 
     def on_epoch(self, epoch, epochs):
         super().on_epoch(epoch, epochs)
         if self.eps_start is not None:
-            self.current_eps = min(self.eps, self.eps_start * self.eps_growth ** epoch)
+            self.current_eps = min(self.eps_target, self.eps_start * self.eps_growth ** epoch)
 
     def loss(self, x, y):
         from fastadv.attacks.wasserstein import WassersteinPGD
 
-        x_adv = WassersteinPGD(self.ctx.attack_net, eps=self.current_eps, alpha=self.alpha, steps=self.steps,
+        x_adv = WassersteinPGD(self.ctx.attack_net, eps=self.current_eps * self.eps_ramp_factor(), alpha=self.alpha, steps=self.steps,
                                **self.extra, **self.attack_kwargs())(x, y)
         logits = self.forward(x_adv)
         return StepOutput(F.cross_entropy(logits, y), logits, y)
