@@ -71,6 +71,10 @@ RUNS = [
     ("preemptive+ramp", "--method preemptive --steps 10 --alpha 0.04 --eps-warmup 0.3", "as preemptive, eps ramped",
      None),
     ("boost+ramp", "--method boost --members 2 --eps-warmup 0.3", "as boost, eps ramped (per member)", None),
+    # preemptive still collapses with the ramp: the reference's ascent step trains at delta + eps = 0.6 from x;
+    # the descent step (a targeted move toward y, then the eps attack) does not
+    ("preemptive-descent+ramp", "--method preemptive --steps 10 --alpha 0.04 --eps-warmup 0.3 "
+     "--method-arg direction='descent'", "descent delta move, then PGD-10, eps ramped", None),
 ]
 
 

@@ -6,19 +6,24 @@ import torch
 from fastadv.data import load_mnist
 
 
-def undefended_cnn(mnist_root) -> torch.nn.Module:
+def undefended_cnn(mnist_root, n_train: int = 4000, epochs: int = 2) -> torch.nn.Module:
+    """The paper's MNIST architecture (locuslab/projected_sinkhorn attack_mnist.py), Adam 1e-3, batch 128,
+    seed 0, on the first ``n_train`` training images for ``epochs`` epochs. The defaults are the small test
+    model (88.7% on the first 256 test digits); ``n_train=60000, epochs=3`` trains it as an undefended
+    model is trained (98.3% on the 10,000 test digits, ~20 s on one core of this CPU)."""
     torch.manual_seed(0)
     xs, ys = load_mnist(mnist_root, "train", as_float=True)
-    xs, ys = xs[:4000], ys[:4000]
+    xs, ys = xs[:n_train], ys[:n_train]
+    n = xs.shape[0]
     model = torch.nn.Sequential(
         torch.nn.Conv2d(1, 16, 4, stride=2, padding=1), torch.nn.ReLU(),
         torch.nn.Conv2d(16, 32, 4, stride=2, padding=1), torch.nn.ReLU(),
         torch.nn.Flatten(), torch.nn.Linear(32 * 7 * 7, 100), torch.nn.ReLU(), torch.nn.Linear(100, 10),
     )
     opt = torch.optim.Adam(model.parameters(), 1e-3)
-    for _ in range(2):
-        perm = torch.randperm(4000)
-        for i in range(0, 4000, 128):
+    for _ in range(epochs):
+        perm = torch.randperm(n)
+        for i in range(0, n, 128):
             idx = perm[i:i + 128]
             loss = torch.nn.functional.cross_entropy(model(xs[idx]), ys[idx])
             opt.zero_grad()

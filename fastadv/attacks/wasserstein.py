@@ -12,7 +12,13 @@ import math
 import torch
 
 from fastadv.attacks.base import Attack, check_eps, check_int
+from fastadv.attacks.wasserstein_ascent import wasserstein_ascent_step
 from fastadv.ot import _project_impl
+
+#: the step before each projection: 'linf' (alpha * sign(grad), the public script's default norm='linfinity')
+#: or 'wasserstein' (mass moved within Wasserstein radius alpha toward the gradient: the paper's steepest
+#: ascent, the code's norm='wasserstein' / conjugate_sinkhorn)
+STEPS = ("linf", "wasserstein")
 
 
 # The paper's radius growth (Wong et al. 2019, section 5: x1.17 every 10 steps).
@@ -186,7 +192,7 @@ class WassersteinPGD(Attack):
 
     def __init__(self, model, eps=1.0, alpha=0.5, steps=200, kernel_size=5, p=2, reg=3000.0,
                  eps_growth=None, sinkhorn_max_iter=400, sinkhorn_tol=1e-4, accept_tol=1e-3, certify_max_iter=2000,
-                 callback=None, box="project", **kwargs):
+                 callback=None, box="project", step="linf", step_reg=None, **kwargs):
         super().__init__(model, **kwargs)
         self.eps = check_eps("eps", eps)
         if isinstance(self.eps, torch.Tensor):
@@ -216,6 +222,13 @@ class WassersteinPGD(Attack):
             raise ValueError(f"box='project' needs clip[0] <= 0 < clip[1] (the projection keeps z in [0, clip[1]]), "
                              f"got clip={tuple(self.clip)!r}; use box='clamp'")
         self.box = box
+        if step not in STEPS:
+            raise ValueError(f"step must be one of {', '.join(map(repr, STEPS))}, got {step!r}")
+        self.step = step
+        if step_reg is not None and (isinstance(step_reg, bool) or not isinstance(step_reg, (int, float))
+                                     or not (step_reg > 0 and math.isfinite(step_reg))):
+            raise ValueError(f"step_reg must be None or a finite number > 0, got {step_reg!r}")
+        self.step_reg = self.reg if step_reg is None else float(step_reg)
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
         self.callback = callback
@@ -299,7 +312,11 @@ class WassersteinPGD(Attack):
             if t == self.steps or active.numel() == 0:
                 break
             with torch.no_grad():
-                step = (xa + self.alpha * grad.sign()).clamp(lo - self.alpha, hi + self.alpha)
+                if self.step == "linf":
+                    step = (xa + self.alpha * grad.sign()).clamp(lo - self.alpha, hi + self.alpha)
+                else:  # mass moved within Wasserstein radius alpha of x_t toward the gradient (the paper's conjugate)
+                    step = wasserstein_ascent_step(xa, grad, self.alpha, kernel_size=self.kernel_size, p=self.p,
+                                                   reg=self.step_reg)
                 r = _project_impl(step, x[active], cur[active], kernel_size=self.kernel_size, p=self.p,
                                   reg=self.reg, max_iter=self.sinkhorn_max_iter, tol=self.sinkhorn_tol, upper=upper)
                 # box='project': r.z is in [0, hi] already (the clamp changes nothing, cut = 0)
