@@ -157,6 +157,14 @@ class WassersteinPGD(Attack):
         box: 'project' (default: project onto the ball intersected with
             [0, clip[1]]: no clamp) or 'clamp' (project onto the ball, then
             clamp into ``clip``, as the reference code; see above).
+        step: 'linf' (default: x_t + alpha * sign(grad), the public script's
+            norm='linfinity') or 'wasserstein' (the paper's Wasserstein
+            steepest ascent, the code's norm='wasserstein': mass of x_t moved
+            within Wasserstein radius ``alpha`` toward the gradient, by
+            ``fastadv.attacks.wasserstein_ascent.wasserstein_ascent_step``;
+            then the same projection). Measured: weaker than the default
+            (see "Step size and attack strength").
+        step_reg: the 'wasserstein' step's lam (default ``reg``, as the code).
         callback: optional ``callback(t, x_adv, radius_used, active)`` after
             step t (0-based): x_adv (B, ...) the iterates (read-only),
             radius_used (B,), active (index tensor of the samples stepped).
