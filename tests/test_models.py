@@ -13,9 +13,10 @@ def n_params(m):
     return sum(p.numel() for p in m.parameters())
 
 
-# Published sizes: Madry MNIST CNN 3.27 M; PreAct-ResNet-18 11.17 M (with the final BN of Wong et al. 2020 /
+# Published sizes: Madry MNIST CNN 3.27 M; TRADES' SmallCNN 0.31 M (yaodongyu/TRADES models/small_cnn.py); PreAct-ResNet-18 11.17 M (with the final BN of Wong et al. 2020 /
 # Rice et al. 2020: 1,024 more than pytorch-cifar's 11,171,146); WRN-34-10 46.16 M; ResNet-50 25.56 M.
-@pytest.mark.parametrize("name,classes,params", [("mnist_cnn", 10, 3_274_634), ("preact_resnet18", 10, 11_172_170),
+@pytest.mark.parametrize("name,classes,params", [("mnist_cnn", 10, 3_274_634), ("small_cnn", 10, 312_202),
+                                                 ("preact_resnet18", 10, 11_172_170),
                                                  ("wrn34_10", 10, 46_160_474), ("resnet50", 1000, 25_557_032)])
 def test_parameter_counts(name, classes, params):
     with torch.device("meta"):  # no memory, no init time
@@ -74,3 +75,23 @@ def test_get_model_factory():
         get_model("mnist_cnn", normalize="svhn")
     with pytest.raises(ValueError, match="depth must be 6n"):
         WideResNet(depth=30)
+
+
+def test_small_cnn_is_the_trades_reference_layout_and_init():
+    from fastadv.models import SmallCNN
+
+    torch.manual_seed(0)
+    m = SmallCNN()
+    keys = list(m.state_dict())
+    # the reference's parameter names, so its released checkpoints load
+    assert keys[:2] == ["feature_extractor.conv1.weight", "feature_extractor.conv1.bias"]
+    assert keys[-2:] == ["classifier.fc3.weight", "classifier.fc3.bias"] and len(keys) == 14
+    assert all((mod.bias == 0).all() for mod in m.modules() if isinstance(mod, torch.nn.Conv2d))
+    x = torch.rand(3, 1, 28, 28)
+    assert torch.equal(m(x), torch.zeros(3, 10))  # the zero last layer of the reference
+    m.train()
+    torch.nn.init.normal_(m.classifier.fc3.weight)
+    a, b = m(x), m(x)
+    assert not torch.equal(a, b)  # dropout in train mode
+    m.eval()
+    assert torch.equal(m(x), m(x))

@@ -98,3 +98,9 @@ def test_hook_methods_refuse_a_compiled_model(name, kw):
         m.set_invariance_bank((torch.rand(8, 1, 28, 28), torch.arange(8) % 10))
     with pytest.raises(ValueError, match="torch.compile"):
         m.bind(BindContext(net=net, model=torch.compile(net), attack_net=net, device=torch.device("cpu")))
+
+
+def test_small_cnn_takes_no_width():
+    assert _model_kwargs(["--method", "trades"], model="small_cnn") == {}
+    with pytest.raises(SystemExit, match="--width: TRADES' SmallCNN has one size"):
+        _model_kwargs(["--method", "trades", "--width", "0.5"], model="small_cnn")

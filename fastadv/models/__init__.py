@@ -9,6 +9,7 @@ standardized inputs are wrapped in ``NormalizedModel`` so attacks see [0, 1].
 name               model                           input        params
 =================  ==============================  ===========  =========
 mnist_cnn          Madry et al. 2018 MNIST CNN     1x28x28      3.27 M
+small_cnn          TRADES' MNIST SmallCNN          1x28x28      0.31 M
 preact_resnet18    PreAct-ResNet-18                3x32x32      11.2 M
 wrn34_10           WideResNet-34-10                3x32x32      46.2 M
 resnet50           ResNet-50 (v1.5)                3x224x224    25.6 M
@@ -34,10 +35,12 @@ from fastadv.models.normalize import (CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, 
                                       NormalizedModel)
 from fastadv.models.preact_resnet import PreActResNet, PreActResNet18
 from fastadv.models.resnet import ResNet, ResNet50
+from fastadv.models.small_cnn import SmallCNN
 from fastadv.models.wide_resnet import WideResNet, WideResNet34_10
 
 MODELS = {
     "mnist_cnn": MnistCNN,
+    "small_cnn": SmallCNN,
     "preact_resnet18": PreActResNet18,
     "wrn34_10": WideResNet34_10,
     "resnet50": ResNet50,
@@ -45,7 +48,7 @@ MODELS = {
 # Named (mean, std) pairs for ``normalize=``.
 NORMALIZATIONS = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
 # The input shape each model is meant for (C, H, W).
-INPUT_SHAPES = {"mnist_cnn": (1, 28, 28), "preact_resnet18": (3, 32, 32), "wrn34_10": (3, 32, 32),
+INPUT_SHAPES = {"mnist_cnn": (1, 28, 28), "small_cnn": (1, 28, 28), "preact_resnet18": (3, 32, 32), "wrn34_10": (3, 32, 32),
                 "resnet50": (3, 224, 224)}
 
 
@@ -54,7 +57,7 @@ def get_model(name: str, num_classes: int = 10, *, normalize: str | tuple[Sequen
     """Build model ``name`` (see ``MODELS``) with ``num_classes`` outputs.
 
     Args:
-        name: 'mnist_cnn' | 'preact_resnet18' | 'wrn34_10' | 'resnet50'.
+        name: 'mnist_cnn' | 'small_cnn' | 'preact_resnet18' | 'wrn34_10' | 'resnet50'.
         num_classes: number of logits, >= 2.
         normalize: None (the model takes [0, 1] images as they are), a name in
             ``NORMALIZATIONS`` ('cifar10', 'imagenet') or a (mean, std) pair: the
@@ -79,7 +82,7 @@ def get_model(name: str, num_classes: int = 10, *, normalize: str | tuple[Sequen
     return model
 
 
-__all__ = ["get_model", "Ensemble", "MODELS", "NORMALIZATIONS", "INPUT_SHAPES", "MnistCNN", "PreActResNet",
+__all__ = ["get_model", "Ensemble", "MODELS", "NORMALIZATIONS", "INPUT_SHAPES", "MnistCNN", "SmallCNN", "PreActResNet",
            "PreActResNet18",
            "WideResNet", "WideResNet34_10", "ResNet", "ResNet50", "Normalize", "NormalizedModel",
            "CIFAR10_MEAN", "CIFAR10_STD", "IMAGENET_MEAN", "IMAGENET_STD"]

@@ -62,7 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="embedded-mnist (default, ships with fastadv), mnist (IDX files), cifar10 "
                         "(cifar-10-batches-py), imagefolder (root/<class>/*.jpg with train/ and val/), synthetic")
     g.add_argument("--data-dir", help="dataset folder (mnist, cifar10, imagefolder)")
-    g.add_argument("--model", help="mnist_cnn | preact_resnet18 | wrn34_10 | resnet50 (default: by dataset)")
+    g.add_argument("--model", help="mnist_cnn | small_cnn (TRADES' MNIST model) | preact_resnet18 | wrn34_10 | resnet50 "
+                                   "(default: by dataset)")
     g.add_argument("--width", type=float, help="mnist_cnn width multiplier (default 0.5 on MNIST, else 1)")
     g.add_argument("--feature-norm", action=argparse.BooleanOptionalAction,
                    help="mnist_cnn: L2-normalize the penultimate features before the last layer (default on for "
@@ -263,6 +264,8 @@ def model_kwargs(args, d, model_name: str, shape) -> dict:
     feature normalization (on by default for AFD, as the AFD reference's encoder), its input shape."""
     kw = {}
     width = args.width if args.width is not None else (d.get("width") if model_name == "mnist_cnn" else None)
+    if width is not None and model_name == "small_cnn":
+        raise SystemExit("fastadv train --width: TRADES' SmallCNN has one size (its reference's); drop --width")
     if width is not None:
         kw["width"] = width
     feature_norm = args.feature_norm if args.feature_norm is not None else args.method == "afd"
@@ -272,6 +275,9 @@ def model_kwargs(args, d, model_name: str, shape) -> dict:
         raise SystemExit(f"fastadv train --feature-norm: only mnist_cnn has it, not --model {model_name}")
     if model_name == "mnist_cnn" and shape[0] != 1:
         kw.update(in_channels=shape[0], input_size=shape[1])
+    if model_name == "small_cnn" and tuple(shape) != (1, 28, 28):
+        raise SystemExit(f"fastadv train --model small_cnn: TRADES' SmallCNN takes 1 x 28 x 28 images, "
+                         f"this dataset has {' x '.join(map(str, shape))}")
     return kw
 
 
