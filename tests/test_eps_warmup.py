@@ -4,14 +4,11 @@ Defining property: at optimizer step t of T with warm-up fraction f, every input
 the network (attack iterates and training batch) lies in the L-inf ball of radius
 eps * min(1, (t + 1) / (f T)) around the clean batch, and after the warm-up the full radius is used.
 """
-import argparse
-
 import pytest
 import torch
 
 from fastadv.data import embedded_mnist
 from fastadv.models import MnistCNN
-from fastadv.train import cli
 from fastadv.train import methods as M
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
@@ -106,23 +103,6 @@ def test_bad_warmups_are_refused_with_the_argument_named():
         M.METHODS["mart"]().set_eps_warmup(2.0)
     with pytest.raises(ValueError, match="'standard' has no eps"):
         M.METHODS["standard"]().set_eps_warmup(0.3)
-
-
-def _cli_method(argv):
-    p = argparse.ArgumentParser()
-    cli.add_arguments(p)
-    args = p.parse_args(argv)
-    return cli.build_method(args, cli.DATASET_DEFAULTS[args.dataset], None)
-
-
-def test_cli_flag_reaches_every_method_and_only_pgd_ramps_by_default():
-    assert _cli_method(["--method", "mart", "--eps-warmup", "0.3"]).eps_warmup == 0.3
-    assert "eps_warmup" not in vars(_cli_method(["--method", "mart"]))  # the MNIST default is pgd's alone
-    assert _cli_method(["--method", "pgd"]).eps_warmup == cli.DATASET_DEFAULTS["mnist"]["eps_warmup"]
-    a = _cli_method(["--method", "awp", "--method-arg", "base='trades'", "--eps-warmup", "0.2"])
-    assert a.base.eps_warmup == 0.2  # AWP's base runs the attack
-    with pytest.raises(SystemExit, match="--eps-warmup: .*'trs' has no eps"):
-        _cli_method(["--method", "trs", "--eps-warmup", "0.3"])
 
 
 def test_boosting_ramps_each_members_eps(monkeypatch, batch):

@@ -104,3 +104,13 @@ def test_small_cnn_takes_no_width():
     assert _model_kwargs(["--method", "trades"], model="small_cnn") == {}
     with pytest.raises(SystemExit, match="--width: TRADES' SmallCNN has one size"):
         _model_kwargs(["--method", "trades", "--width", "0.5"], model="small_cnn")
+
+
+def test_cli_flag_reaches_every_method_and_only_pgd_ramps_by_default():
+    assert _method(["--method", "mart", "--eps-warmup", "0.3"]).eps_warmup == 0.3
+    assert "eps_warmup" not in vars(_method(["--method", "mart"]))  # the MNIST default is pgd's alone
+    assert _method(["--method", "pgd"]).eps_warmup == cli.DATASET_DEFAULTS["mnist"]["eps_warmup"]
+    a = _method(["--method", "awp", "--method-arg", "base='trades'", "--eps-warmup", "0.2"])
+    assert a.base.eps_warmup == 0.2  # AWP's base runs the attack
+    with pytest.raises(SystemExit, match="--eps-warmup: .*'trs' has no eps"):
+        _method(["--method", "trs", "--eps-warmup", "0.3"])

@@ -174,6 +174,22 @@ def mnist_model(mnist_dir):
     return (undefended_cnn(mnist_dir), *mnist_test_digits(mnist_dir, 64))
 
 
+def _plain_loop(model, x, y, steps, update):
+    """The attack as a plain loop: each sample still classified correctly moves to update(x_t, grad CE);
+    returns the iterates and which samples were never misclassified."""
+    xa = x.clone()
+    still = torch.ones(x.shape[0], dtype=torch.bool)
+    for _ in range(steps):
+        xr = xa.clone().requires_grad_(True)
+        out = model(xr)
+        g, = torch.autograd.grad(torch.nn.functional.cross_entropy(out, y), xr)
+        still &= out.argmax(1) == y
+        with torch.no_grad():
+            z = update(xa, g)
+        xa = torch.where(still[:, None, None, None], z, xa)
+    return xa, still
+
+
 def test_attack_matches_a_plain_loop(mnist_model):
     """Fixed radius, nobody fooled early: the attack is x <- clip(P(x + alpha sign(grad))), step for step."""
     from fastadv.attacks.wasserstein import WassersteinPGD
@@ -184,16 +200,8 @@ def test_attack_matches_a_plain_loop(mnist_model):
     atk = WassersteinPGD(model, eps=0.05, alpha=0.5, steps=3, reg=3000.0, eps_growth=(0.05, 1.0, 1), sinkhorn_max_iter=100,
                          box="clamp", accept_tol=math.inf, certify_max_iter=0)
     x_adv = atk(x, y)
-    xa = x.clone()
-    still = torch.ones(6, dtype=torch.bool)
-    for _ in range(3):
-        xr = xa.clone().requires_grad_(True)
-        out = model(xr)
-        g, = torch.autograd.grad(torch.nn.functional.cross_entropy(out, y), xr)
-        still &= out.argmax(1) == y
-        with torch.no_grad():
-            z = ops.wasserstein_project(xa + 0.5 * g.sign(), x, 0.05, kernel_size=5, reg=3000.0, max_iter=100).clamp(0, 1)
-        xa = torch.where(still[:, None, None, None], z, xa)
+    xa, _ = _plain_loop(model, x, y, 3, lambda xa, g: ops.wasserstein_project(
+        xa + 0.5 * g.sign(), x, 0.05, kernel_size=5, reg=3000.0, max_iter=100).clamp(0, 1))
     torch.testing.assert_close(x_adv, xa, rtol=0, atol=1e-5)
 
 
@@ -208,17 +216,9 @@ def test_wasserstein_step_is_the_conjugate_step_then_the_projection(mnist_model)
                          sinkhorn_max_iter=100, accept_tol=math.inf, certify_max_iter=0, step="wasserstein",
                          step_reg=500.0)
     x_adv = atk(x, y)
-    xa = x.clone()
-    still = torch.ones(6, dtype=torch.bool)
-    for _ in range(3):
-        xr = xa.clone().requires_grad_(True)
-        out = model(xr)
-        g, = torch.autograd.grad(torch.nn.functional.cross_entropy(out, y), xr)
-        still &= out.argmax(1) == y
-        with torch.no_grad():
-            step = wasserstein_ascent_step(xa, g, 0.3, kernel_size=5, reg=500.0)
-            z = ops.wasserstein_project(step, x, 0.05, kernel_size=5, reg=3000.0, max_iter=100, upper=1.0)
-        xa = torch.where(still[:, None, None, None], z, xa)
+    xa, still = _plain_loop(model, x, y, 3, lambda xa, g: ops.wasserstein_project(
+        wasserstein_ascent_step(xa, g, 0.3, kernel_size=5, reg=500.0), x, 0.05, kernel_size=5, reg=3000.0,
+        max_iter=100, upper=1.0))
     assert still.any()  # not blind: some samples ran all three steps
     torch.testing.assert_close(x_adv, xa, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="step must be one of"):
