@@ -659,7 +659,19 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg = self.cfg
-        if cfg.resume and self.checkpoint_path() and self.checkpoint_path().exists():
+        have_checkpoint = bool(cfg.resume and self.checkpoint_path() and self.checkpoint_path().exists())
+        if cfg.resume and self.dist.distributed:
+            # Every rank loads the checkpoint (its RNG stream and data position are in it). On several nodes
+            # whose --out is not on a shared filesystem only rank 0's node has it: the other ranks would start
+            # from scratch beside a resumed rank 0, silently. Refuse unless every rank sees it, or none does.
+            seen = D.all_gather_object(have_checkpoint)
+            if any(seen) and not all(seen):
+                missing = [r for r, s in enumerate(seen) if not s]
+                raise CheckpointError(
+                    f"resume: {self.checkpoint_path()} exists on rank(s) {[r for r, s in enumerate(seen) if s]} but "
+                    f"not on rank(s) {missing}: every rank reads the checkpoint, so the output folder (--out) must "
+                    "be on a filesystem that every node shares")
+        if have_checkpoint:
             self.load(self.checkpoint_path())
             if self.is_main:
                 print(f"resumed from {self.checkpoint_path()} at epoch {self.epoch}, batch {self.batch_in_epoch}, "
