@@ -3,13 +3,12 @@ rendezvous on 127.0.0.1), so every process has LOCAL_RANK 0 and the global RANK 
 a real cluster (gloo, CPU).
 
 * With one shared output folder the two nodes train exactly what one process trains on the same global batch, up
-  to float32 summation order, and only global rank 0 writes the files.
+  to float32 summation order.
 * With a folder per node (no shared filesystem) a resume is refused with a message that says why, instead of rank
-  0 resuming while the other rank starts from scratch.
+  0 resuming while the other rank starts from scratch; the checkpoint is on global rank 0's node only.
 """
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -17,13 +16,7 @@ import torch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from test_train_loop import _SMALL, _assert_equal_to_rounding  # noqa: E402
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from test_train_loop import _SMALL, _assert_equal_to_rounding, _free_port  # noqa: E402
 
 
 def _two_nodes(outs, extra=()):

@@ -666,10 +666,10 @@ class Trainer:
             # from scratch beside a resumed rank 0, silently. Refuse unless every rank sees it, or none does.
             seen = D.all_gather_object(have_checkpoint)
             if any(seen) and not all(seen):
+                present = [r for r, s in enumerate(seen) if s]
                 missing = [r for r, s in enumerate(seen) if not s]
                 raise CheckpointError(
-                    f"resume: {self.checkpoint_path()} exists on rank(s) {[r for r, s in enumerate(seen) if s]} but "
-                    f"not on rank(s) {missing}: every rank reads the checkpoint, so the output folder (--out) must "
+                    f"resume: {self.checkpoint_path()} exists on rank(s) {present} but not on rank(s) {missing}: every rank reads the checkpoint, so the output folder (--out) must "
                     "be on a filesystem that every node shares")
         if have_checkpoint:
             self.load(self.checkpoint_path())
