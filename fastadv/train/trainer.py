@@ -669,8 +669,9 @@ class Trainer:
                 present = [r for r, s in enumerate(seen) if s]
                 missing = [r for r, s in enumerate(seen) if not s]
                 raise CheckpointError(
-                    f"resume: {self.checkpoint_path()} exists on rank(s) {present} but not on rank(s) {missing}: every rank reads the checkpoint, so the output folder (--out) must "
-                    "be on a filesystem that every node shares")
+                    f"resume: {self.checkpoint_path()} exists on rank(s) {present} but not on rank(s) {missing}: "
+                    "every rank reads the checkpoint, so the output folder (--out) must be on a filesystem that "
+                    "every node shares")
         if have_checkpoint:
             self.load(self.checkpoint_path())
             if self.is_main:
