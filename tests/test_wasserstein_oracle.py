@@ -252,8 +252,9 @@ def test_largest_radius_used_is_eps_under_the_default_schedule():
         atk2(x, torch.full_like(y, 9))
         assert atk2.last_radius_used.max().item() == eps, (eps, steps)
         assert (atk2.last_radius_used == eps).all()
-        # a bound: radius x (1 + residual); loose here, the projections stop unconverged at 30 iterations
-        assert (atk2.last_cost_bound >= eps).all() and torch.isfinite(atk2.last_cost_bound).all()
+        # the cost of the returned point's certified plan (fastadv.ot_certificate): within the radius even
+        # though these projections stop unconverged at 30 iterations
+        assert (atk2.last_cost_bound <= eps * (1 + 1e-9)).all() and (atk2.last_cost_bound > 0).all()
         assert (atk2.last_clamped_mass >= 0).all()
         assert torch.isinf(atk2.last_radius).all() and not atk2.last_fooled.any()
 
