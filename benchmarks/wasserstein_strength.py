@@ -48,6 +48,7 @@ SETTINGS = [
     ("alpha 0.1 (the paper's step), lam 3000, 400 iterations", dict(alpha=0.1)),
     ("alpha 0.5, lam 3000, 400 iterations (the defaults)", dict()),
     ("alpha 0.5, lam 3000, 1000 iterations", dict(sinkhorn_max_iter=1000)),
+    ("alpha 0.5, lam 10000, 400 iterations", dict(reg=10000.0)),
     ("alpha 1.0, lam 3000, 400 iterations", dict(alpha=1.0)),
     ("alpha 1.0, lam 3000, 50 iterations", dict(alpha=1.0, sinkhorn_max_iter=50)),
     ("the reference code's settings: alpha 0.1, lam 1000, 50 iterations, every iterate accepted",
@@ -62,6 +63,8 @@ SETTINGS = [
 CIFAR_SETTINGS = [
     ("alpha 0.1 (the paper's step), lam 3000, 400 iterations", dict(alpha=0.1)),
     ("alpha 0.5, lam 3000, 400 iterations (the defaults)", dict()),
+    ("alpha 0.5, lam 10000, 400 iterations", dict(reg=10000.0)),
+    ("alpha 1.0, lam 3000, 400 iterations", dict(alpha=1.0)),
     ("the reference code's CIFAR settings: alpha 0.1, lam 3000, 50 iterations, every iterate accepted",
      dict(alpha=0.1, sinkhorn_max_iter=50, accept_tol=float("inf"), certify_max_iter=0)),
 ]
