@@ -128,7 +128,6 @@ def _push_back_over_box(plan, u, kernel_size: int, hw, passes: int):
             for j in range(k):
                 di, dj = i - r, j - r
                 back += rem[:, :, i * k + j, r - di:r - di + h, r - dj:r - dj + w]
-        plan = plan.clone()
         plan[:, :, center] += back.reshape(bsz, ch, -1)
     return plan
 
@@ -138,7 +137,7 @@ def _lse_by_conv(v, kernel_size: int, psi_cost):
     M + log sum_d exp(v_{i+d} - M) exp(-psi C_d - 1), M the largest finite v of each image. Exact while the
     finite v of an image span less than 600 (exp(-600) is far above float64's smallest normal); otherwise,
     or where a window sum underflows, the stacked-window reference is used. 3 tensor ops instead of ~30:
-    the rounds above run up to thousands of these on a few images."""
+    the rounds above run up to 2 x ``rounds`` of these on a few images."""
     bsz, ch, h, w = v.shape
     k = kernel_size
     finite = v > ref.NEG / 2

@@ -214,6 +214,7 @@ class WassersteinPGD(Attack):
             [0, 1] clamp; > 0 means the returned image is outside the ball
             (always 0 with box='project').
         ``last_certified`` (int): samples whose success came from a re-projection.
+        ``last_certificates`` (int): rows passed to ``certify_projection`` (box='project').
     Every returned image is the last accepted point (residual <= accept_tol) of its
     sample, certified with box='project': the fooling one if it was fooled, else x itself
     if none was accepted (or its certificate fails).
