@@ -11,8 +11,9 @@ eps 0.3 on the same held-out images, and the wall time.
     python benchmarks/reproduce_mnist.py --only pgd,trades --allow-dirty --no-save
 
 The JSON goes to benchmarks/results/reproduction-mnist-<device>-<date>.json with the commit, the load
-average before and after, every command and its parsed result; a dirty tree is refused (the commit
-must name the code that produced the numbers) unless ``--allow-dirty``. ``--markdown`` prints the rows
+average before and after, every command and its parsed result (rewritten after every row, with
+``complete`` false until the last); a dirty tree is refused (the commit
+must name the code that produced the numbers) unless ``--allow-dirty --no-save``. ``--markdown`` prints the rows
 for docs/reproduction.md.
 """
 from __future__ import annotations
@@ -148,27 +149,35 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=1800)
     args = p.parse_args(argv)
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
-    if dirty and not args.allow_dirty:
+    if dirty and not (args.allow_dirty and args.no_save):
         print("refusing: the tree has uncommitted changes (commit, or pass --allow-dirty with --no-save)",
               file=sys.stderr)
+        return 2
+    unknown = sorted(set(args.only.split(",")) - {r[0] for r in RUNS}) if args.only else []
+    if unknown:
+        print(f"--only: no row named {', '.join(unknown)} (rows: {', '.join(r[0] for r in RUNS)})", file=sys.stderr)
         return 2
     from fastadv.bench.harness import environment, write_result
 
     env_before = environment("cpu")
     runs = [r for r in RUNS if not args.only or r[0] in args.only.split(",")]
-    rows = []
+    rows, path = [], None
+
+    def payload():
+        return {"common": COMMON, "rows": rows, "dirty": dirty, "env_before": env_before,
+                "load_after": os.getloadavg(), "complete": len(rows) == len(runs)}
+
     for name, flags, inner, paper in runs:
         print(f"[{name}] {flags}", file=sys.stderr, flush=True)
         row = run_one(name, flags, pathlib.Path(args.out), args.timeout)
         row.update(inner=inner, paper=paper)
         rows.append(row)
         print(json.dumps(row)[:400], file=sys.stderr, flush=True)
-    payload = {"common": COMMON, "rows": rows, "dirty": dirty, "env_before": env_before,
-               "load_after": os.getloadavg()}
+        if not args.no_save:  # after every row: a run stopped part-way keeps what it measured
+            path = write_result("reproduction-mnist", payload(), path=path)
     if args.markdown or args.no_save:
         print(markdown(rows))
-    if not args.no_save:
-        path = write_result("reproduction-mnist", payload)
+    if path is not None:
         print(f"wrote {path}", file=sys.stderr)
     return 0 if all("error" not in r for r in rows) else 1
 

@@ -23,7 +23,8 @@ test accuracy, as the paper's undefended model), the small test model's 88.7% be
 the gap to the paper's 4% (docs/sinkhorn.md).
 
 Writes ``benchmarks/results/wasserstein-strength[-full|-cifar]-<device>-<stamp>.json`` with the commit; a dirty
-tree is refused unless ``--allow-dirty`` (then only with ``--no-save``). Usage::
+tree is refused unless ``--allow-dirty`` (then only with ``--no-save``). The JSON is rewritten after every
+row (``complete`` false until the last); ``--only 1,3`` and ``--box project`` pick rows. Usage::
 
     python benchmarks/wasserstein_strength.py --mnist ../shared/data/mnist --n 256
     python benchmarks/wasserstein_strength.py --mnist ../shared/data/mnist --n 256 --model full
@@ -84,6 +85,9 @@ def main(argv=None) -> int:
                    help="mnist: 'small' (default; the test model: 4000 images x 2 epochs, 88.7%% clean) or 'full' "
                         "(the same architecture on all 60,000 training images x 3 epochs, 98.3%% test accuracy, "
                         "as an undefended model is trained)")
+    p.add_argument("--only", help="comma-separated row numbers of the settings list (0-based; default all)")
+    p.add_argument("--box", default="both", choices=("both", "clamp", "project"),
+                   help="which box modes to run (default both)")
     p.add_argument("--allow-dirty", action="store_true")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
@@ -92,23 +96,40 @@ def main(argv=None) -> int:
     if dirty and not (args.allow_dirty and args.no_save):
         print("refusing: the tree has uncommitted changes (commit, or pass --allow-dirty --no-save)", file=sys.stderr)
         return 2
+    settings = SETTINGS if args.dataset == "mnist" else CIFAR_SETTINGS
+    if args.only:
+        picked = [int(i) for i in args.only.split(",")]
+        bad = [i for i in picked if not 0 <= i < len(settings)]
+        if bad:
+            p.error(f"--only: rows {bad} out of range 0..{len(settings) - 1}")
+        settings = [settings[i] for i in picked]
     from fastadv.attacks.wasserstein import WassersteinPGD
     from fastadv.bench.harness import environment, write_result
     env = environment("cpu")
     if args.dataset == "mnist":
         model = undefended_cnn(args.mnist) if args.model == "small" else undefended_cnn(args.mnist, 60000, 3)
         x, y = mnist_test_digits(args.mnist, args.n)
-        eps, settings, paper = 1.0, SETTINGS, 0.04
+        eps, paper = 1.0, 0.04
     else:
         model, x, y = cifar_subset_cnn(args.cifar)
         x, y = x[:args.n], y[:args.n]
-        eps, settings, paper = 0.1, CIFAR_SETTINGS, 0.03
+        eps, paper = 0.1, 0.03
+    boxes = ("clamp", "project") if args.box == "both" else (args.box,)
+    name = {"small": "wasserstein-strength", "full": "wasserstein-strength-full"}[args.model] \
+        if args.dataset == "mnist" else "wasserstein-strength-cifar"
     with torch.no_grad():
         clean = (model(x).argmax(1) == y).float().mean().item()
     print(f"clean accuracy {clean:.4f} on {args.n} test images", file=sys.stderr)
-    rows = []
-    for name, kw in settings:
-        for box in ("clamp", "project"):
+    rows, path = [], None
+
+    def payload():
+        return {"dataset": args.dataset, "model": args.model if args.dataset == "mnist" else "cifar_subset_cnn",
+                "n": args.n, "eps": eps, "kernel_size": 5, "clean_accuracy": clean, "paper_accuracy": paper,
+                "complete": len(rows) == len(settings) * len(boxes),
+                "rows": rows, "dirty": dirty, "environment": env, "load_after": list(os.getloadavg())}
+
+    for setting, kw in settings:
+        for box in boxes:
             atk = WassersteinPGD(model, eps=eps, kernel_size=5, box=box, **kw)
             t0 = time.perf_counter()
             xa = atk(x, y)
@@ -116,23 +137,19 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 acc = (model(xa).argmax(1) == y).float().mean().item()
             f = atk.last_fooled
-            row = {"setting": name, "box": box, "kwargs": kw, "accuracy": acc,
+            row = {"setting": setting, "box": box, "kwargs": kw, "accuracy": acc,
                    # successes whose plan may cost more than the radius (1e-3 over): 0 unless every iterate is accepted
                    "fooled_outside_ball": int((atk.last_cost_bound[f] > atk.last_radius[f] * 1.001).sum()),
                    "max_cost_bound": atk.last_cost_bound.max().item(), "certified": atk.last_certified,
                    "max_clamped_mass": atk.last_clamped_mass.max().item(),
                    "max_radius_used": atk.last_radius_used.max().item(), "seconds": dt}
             rows.append(row)
-            print(f"{name:58s} {box:8s} accuracy {acc:.4f}  fooled outside the ball {row['fooled_outside_ball']}  "
+            print(f"{setting:58s} {box:8s} accuracy {acc:.4f}  fooled outside the ball {row['fooled_outside_ball']}  "
                   f"largest mass cut {row['max_clamped_mass']:.3f}  {dt:.1f} s", file=sys.stderr, flush=True)
-    payload = {"dataset": args.dataset, "model": args.model if args.dataset == "mnist" else "cifar_subset_cnn",
-               "n": args.n, "eps": eps, "kernel_size": 5, "clean_accuracy": clean,
-               "paper_accuracy": paper,
-               "rows": rows, "dirty": dirty, "environment": env, "load_after": list(os.getloadavg())}
-    if not args.no_save:
-        name = {"small": "wasserstein-strength", "full": "wasserstein-strength-full"}[args.model] \
-            if args.dataset == "mnist" else "wasserstein-strength-cifar"
-        print(f"wrote {write_result(name, payload)}", file=sys.stderr)
+            if not args.no_save:  # after every row: a run stopped part-way keeps what it measured
+                path = write_result(name, payload(), path=path)
+    if path is not None:
+        print(f"wrote {path}", file=sys.stderr)
     return 0
 
 

@@ -341,22 +341,26 @@ def _clean(o):
     return o
 
 
-def write_result(name: str, payload: dict, out_dir=None) -> pathlib.Path:
+def write_result(name: str, payload: dict, out_dir=None, path=None) -> pathlib.Path:
     """Write ``payload`` as JSON under ``out_dir``; returns the path.
 
     The file is ``<name>-<device slug>-<UTC YYYYmmdd-HHMMSS>.json``. An
     ``environment`` entry is added when the payload has none (for the device
-    named by ``payload["device"]``, default cpu).
+    named by ``payload["device"]``, default cpu). ``path`` (a path this function
+    returned before) overwrites that file instead: a long benchmark rewrites its
+    JSON after every row, so a run stopped part-way keeps the rows it finished.
     """
     payload = dict(payload)
     payload.setdefault("name", name)
     if "environment" not in payload:
         payload["environment"] = environment(payload.get("device", "cpu"))
     env = payload["environment"]
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    out = pathlib.Path(out_dir) if out_dir is not None else default_results_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}-{device_slug(env.get('device_name', 'device'))}-{stamp}.json"
+    if path is None:
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        out = pathlib.Path(out_dir) if out_dir is not None else default_results_dir()
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"{name}-{device_slug(env.get('device_name', 'device'))}-{stamp}.json"
+    path = pathlib.Path(path)
     text = json.dumps(_clean(payload), indent=1, default=_jsonable, allow_nan=False)
     path.write_text(text + "\n")
     return path
