@@ -275,3 +275,45 @@ def test_attack_box_argument_is_checked():
         WassersteinPGD(model, box="none")
     with pytest.raises(ValueError, match=r"^box='project' needs clip\[0\] <= 0"):
         WassersteinPGD(model, box="project", clip=(0.1, 1.0))
+
+
+def test_attack_with_several_lams_is_a_cascade_of_single_lam_attacks_on_the_samples_left():
+    """reg=(a, b): the attack at lam a on the batch, then at lam b from the clean images of the samples it
+    left unfooled; each sample's point and last_* entries from the pass that returned it (AutoAttack's
+    cascade over the projection's lam, so never weaker than its first pass)."""
+    from fastadv.attacks.wasserstein import WassersteinPGD
+
+    _, x0 = _images(16, 1, 7, 7, seed=3)
+    model = _Lin(49)
+    with torch.no_grad():
+        y = model(x0).argmax(1)  # every clean image classified "correctly"
+    # measured: lam 30 fools 5 of the 16, lam 300 fools 8 (3 of them among the 11 left)
+    kw = dict(eps=0.03, alpha=0.5, steps=4, kernel_size=5, eps_growth=(0.03, 1.0, 1), sinkhorn_max_iter=300,
+              sinkhorn_tol=1e-6)
+    both = WassersteinPGD(model, reg=(30.0, 300.0), **kw)
+    x_both = both(x0, y)
+    first = WassersteinPGD(model, reg=30.0, **kw)
+    x_first = first(x0, y)
+    left = (~first.last_fooled).nonzero().squeeze(1)
+    assert 0 < left.numel() < 16, "the case needs samples fooled and left by the first pass"
+    second = WassersteinPGD(model, reg=300.0, **kw)
+    x_second = second(x0[left], y[left])
+    assert second.last_fooled.any(), "the case needs the second pass to fool a sample the first left"
+    expect = x_first.clone()
+    expect[left] = x_second
+    torch.testing.assert_close(x_both, expect, rtol=0, atol=0)
+    for name in ("last_radius", "last_radius_used", "last_cost_bound", "last_clamped_mass"):
+        want = getattr(first, name).clone()
+        want[left] = getattr(second, name)
+        torch.testing.assert_close(getattr(both, name), want, rtol=0, atol=0, msg=name)
+    fooled = first.last_fooled.clone()
+    fooled[left] = second.last_fooled
+    assert torch.equal(both.last_fooled, fooled) and fooled.sum() > first.last_fooled.sum()
+    lam = torch.full((16,), 30.0, dtype=both.last_reg.dtype)
+    lam[left] = 300.0
+    assert torch.equal(both.last_reg, lam)
+    assert both.last_certificates == first.last_certificates + second.last_certificates
+    with pytest.raises(ValueError, match="^reg must be a finite number > 0 or a non-empty sequence"):
+        WassersteinPGD(model, reg=())
+    with pytest.raises(ValueError, match="^reg must be"):
+        WassersteinPGD(model, reg=(3000.0, math.inf))

@@ -241,9 +241,12 @@ class WassersteinPGD(Attack):
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0:
             raise ValueError(f"p must be a number > 0, got {p!r}")
         self.p = float(p)
-        if isinstance(reg, bool) or not isinstance(reg, (int, float)) or not (reg > 0 and math.isfinite(reg)):
-            raise ValueError(f"reg must be a finite number > 0, got {reg!r}")
-        self.reg = float(reg)
+        regs = tuple(reg) if isinstance(reg, (tuple, list)) else (reg,)
+        if not regs or any(isinstance(r, bool) or not isinstance(r, (int, float)) or not (r > 0 and math.isfinite(r))
+                           for r in regs):
+            raise ValueError(f"reg must be a finite number > 0 or a non-empty sequence of them, got {reg!r}")
+        self.regs = tuple(float(r) for r in regs)  # one attack pass per value, each on the samples left unfooled
+        self.reg = self.regs[0] if len(self.regs) == 1 else self.regs
         self.eps_growth = eps_growth
         self.schedule = radius_schedule(self.eps, self.steps, eps_growth)
         self.sinkhorn_max_iter = check_int("sinkhorn_max_iter", sinkhorn_max_iter, 1)
@@ -264,7 +267,7 @@ class WassersteinPGD(Attack):
         if step_reg is not None and (isinstance(step_reg, bool) or not isinstance(step_reg, (int, float))
                                      or not (step_reg > 0 and math.isfinite(step_reg))):
             raise ValueError(f"step_reg must be None or a finite number > 0, got {step_reg!r}")
-        self.step_reg = self.reg if step_reg is None else float(step_reg)
+        self.step_reg = None if step_reg is None else float(step_reg)  # None: each pass's reg
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
         self.callback = callback
@@ -274,15 +277,44 @@ class WassersteinPGD(Attack):
         self.last_cost_bound: torch.Tensor | None = None
         self.last_clamped_mass: torch.Tensor | None = None
         self.last_certified = 0
+        self.last_certificates = 0
+        self.last_reg: torch.Tensor | None = None
 
     def check_inputs(self, x, y):
         xf, y = super().check_inputs(x, y)
         return (x.detach() if x.dtype == torch.float64 else xf), y
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One pass per value of ``reg``, each from the clean images of the samples the passes before left
+        unfooled (AutoAttack's cascade, over the projection's lam); each sample's ``last_*`` entries come
+        from the pass that returned its point."""
         bsz = x.shape[0]
         self.last_certified = 0
         self.last_certificates = 0
+        rdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        out = x.clone()
+        stats = [torch.full((bsz,), math.inf, device=x.device, dtype=rdt)] + [
+            torch.zeros(bsz, device=x.device, dtype=rdt) for _ in range(4)]  # radius, used, bound, cut, reg
+        rows = torch.arange(bsz, device=x.device)
+        for reg in self.regs:
+            self.pass_rows = rows  # the callback's row i is sample pass_rows[i] of the batch
+            xa, got = self._attack_pass(x[rows], y[rows], reg, reg if self.step_reg is None else self.step_reg)
+            out[rows] = xa
+            for full, part in zip(stats, (*got, torch.full_like(got[0], reg))):
+                full[rows] = part
+            # the next pass takes the samples still unfooled that have mass to move
+            rows = rows[torch.isinf(got[0]) & (x[rows].reshape(rows.numel(), -1).sum(1) > 0)]
+            if rows.numel() == 0:
+                break
+        radius, self.last_radius_used, self.last_cost_bound, self.last_clamped_mass, self.last_reg = stats
+        self.last_radius = radius
+        self.last_fooled = torch.isfinite(radius)
+        return out
+
+    def _attack_pass(self, x, y, reg, step_reg):
+        """One run of the attack at projection lam ``reg`` over the batch (x, y): returns (points, (radius,
+        radius_used, cost_bound, clamped_mass)), as ``perturb`` documents them."""
+        bsz = x.shape[0]
         lo, hi = self.clip
         x_adv = x.clone()
         rdt = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -316,7 +348,7 @@ class WassersteinPGD(Attack):
         def certified(rows, stepped, z, psi, radius):
             """(z_cert in x's dtype, its plan's cost, certified) for the projections of rows ``rows``."""
             zc, c, _, ok = certify_projection(x[rows], stepped, z, psi, radius, kernel_size=self.kernel_size,
-                                              p=self.p, reg=self.reg, upper=upper)
+                                              p=self.p, reg=reg, upper=upper)
             self.last_certificates += len(rows)
             return zc.to(x.dtype), c.to(rdt), ok
 
@@ -354,7 +386,7 @@ class WassersteinPGD(Attack):
                 ci = active[cand]
                 with torch.no_grad():
                     rc = _project_impl(x_adv[ci], x[ci], search_radius[ci], kernel_size=self.kernel_size, p=self.p,
-                                       reg=self.reg, max_iter=self.certify_max_iter, tol=self.sinkhorn_tol,
+                                       reg=reg, max_iter=self.certify_max_iter, tol=self.sinkhorn_tol,
                                        upper=upper)
                     zc = rc.z.clamp(lo, hi) if self.box == "clamp" else rc.z
                     res_c = rc.residual.to(rdt)
@@ -384,9 +416,9 @@ class WassersteinPGD(Attack):
                     step = (xa + self.alpha * grad.sign()).clamp(lo - self.alpha, hi + self.alpha)
                 else:  # mass moved within Wasserstein radius alpha of x_t toward the gradient (the paper's conjugate)
                     step = wasserstein_ascent_step(xa, grad, self.alpha, kernel_size=self.kernel_size, p=self.p,
-                                                   reg=self.step_reg)
+                                                   reg=step_reg)
                 r = _project_impl(step, x[active], cur[active], kernel_size=self.kernel_size, p=self.p,
-                                  reg=self.reg, max_iter=self.sinkhorn_max_iter, tol=self.sinkhorn_tol, upper=upper)
+                                  reg=reg, max_iter=self.sinkhorn_max_iter, tol=self.sinkhorn_tol, upper=upper)
                 # box='project': r.z is in [0, hi] already (the clamp changes nothing, cut = 0)
                 z = r.z.clamp(lo, hi) if self.box == "clamp" else r.z
                 x_adv[active] = z
@@ -415,10 +447,5 @@ class WassersteinPGD(Attack):
                 x_valid[rest] = torch.where(ok.reshape(-1, *([1] * (x.dim() - 1))), zc, x[rest])
                 bound[rest] = torch.where(ok, c, torch.zeros_like(c))
                 used[rest] = torch.where(ok, used[rest], torch.zeros_like(c))
-        self.last_radius = radius
-        self.last_fooled = torch.isfinite(radius)
-        self.last_radius_used = used
-        self.last_cost_bound = bound
-        self.last_clamped_mass = cut
         # every sample comes back at its last converged point (a fooled one: the point that fooled it)
-        return x_valid
+        return x_valid, (radius, used, bound, cut)
