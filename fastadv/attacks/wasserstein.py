@@ -149,7 +149,7 @@ class WassersteinPGD(Attack):
     undertrained (88.7% clean); the same
     architecture trained on all 60,000 MNIST training images (98.3%) falls
     to 0.4% under the defaults (256 digits, every point inside ball and box;
-    lam 3000 alone the same, 97 s against 98 s),
+    lam 3000 alone: the same 0.4%, 97 s against the defaults' 98 s),
     below the paper's 4% for its undefended model (docs/sinkhorn.md;
     tests/test_wasserstein.py checks <= 4%). ``step='wasserstein'`` (the
     paper's steepest ascent) measured weaker there: 21.9% at step radius 1.0.
