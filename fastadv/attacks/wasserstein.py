@@ -294,6 +294,7 @@ class WassersteinPGD(Attack):
         self.last_certified = 0
         self.last_certificates = 0
         self.last_reg: torch.Tensor | None = None
+        self.pass_rows: torch.Tensor | None = None  # during a call: the batch rows of the running pass
 
     def check_inputs(self, x, y):
         xf, y = super().check_inputs(x, y)
