@@ -453,6 +453,28 @@ def test_wasserstein_step_lowers_its_loss(batch):
     assert float(method.loss(x, y).loss) < 0.9 * before
 
 
+def test_wasserstein_trains_on_the_reference_attack_with_its_radius_schedule(batch):
+    """WassersteinAT's training examples are WassersteinPGD's at the reference's training settings
+    (adv_training_mnist.py: radius 0.1 grown x1.4 every 5 steps, lam 1000, its 50-iteration accept-all
+    clamped loop), and the loss is the CE of the model on them."""
+    from fastadv.attacks.wasserstein import WassersteinPGD
+
+    x, y = batch
+    x, y = x[:8], y[:8]
+    net = _net()
+    kw = dict(eps=0.1 * 1.4 ** 2, steps=12, alpha=0.1, reg=1000.0, kernel_size=3)
+    method = _bind(M.WassersteinAT(**kw, attack_eps_growth=(0.1, 1.4, 5)), net)
+    out = method.loss(x, y)
+    atk = WassersteinPGD(net, eps_growth=(0.1, 1.4, 5), model_mode="train", **kw, **M.WassersteinAT.TRAINING_ATTACK)
+    x_adv = atk(x, y)
+    assert atk.last_radius_used.max().item() == pytest.approx(kw["eps"])
+    assert not torch.equal(x_adv, x)
+    torch.testing.assert_close(out.logits, net(x_adv).float(), rtol=0, atol=0)
+    assert float(out.loss) == pytest.approx(float(F.cross_entropy(net(x_adv), y)), rel=1e-6)
+    with pytest.raises(ValueError, match="cannot reach eps"):
+        M.WassersteinAT(eps=1.0, steps=10, attack_eps_growth=(0.1, 1.4, 5))
+
+
 def test_triplet_picks_nearest_negative():
     a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]])
     ya = torch.tensor([0, 1, 2])
