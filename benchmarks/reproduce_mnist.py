@@ -79,6 +79,11 @@ RUNS = [
     ("preemptive-descent", "--method preemptive --steps 10 --alpha 0.04 --method-arg direction='descent'" + RAMP,
      "descent delta move, then PGD-10", None),
     ("iwd", "--method iwd", "IWD attack: 10 steps within IWD budget 0.05", None),
+    # trained against another threat model (the Wasserstein ball): its L-inf numbers say what Wasserstein training
+    # gives against L-inf; its own threat model is measured by benchmarks/wasserstein_training.py
+    ("wasserstein", "--method wasserstein",
+     "Wasserstein PGD-50, the reference's MNIST training attack (radius 0.1 x1.4 every 5 steps to 2.07, lam 1000)",
+     "Wong et al.: 97% clean, 86% under the Wasserstein attack at radius 1.0"),
     # the papers' MNIST settings, cut only in how much of an epoch is run (Madry: ~83 epochs of batch 50, no ramp;
     # TRADES: 100 epochs of batch 128)
     ("madry-paper", "--train-samples 3750 --epochs 1 --width 1 --method pgd --steps 40 --alpha 0.01 --eps-warmup 0 "

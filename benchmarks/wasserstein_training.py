@@ -43,7 +43,7 @@ from wasserstein_model import mnist_test_digits  # noqa: E402
 
 #: the reference's training attack (adv_training_mnist.py's call of pgd.attack), as WassersteinAT arguments
 REFERENCE_TRAINING = dict(eps=0.1 * 1.4 ** 9, steps=50, alpha=0.1, attack_eps_growth=(0.1, 1.4, 5), reg=1000.0,
-                          kernel_size=5, p=2)
+                          kernel_size=5, p=2)  # WassersteinAT.REFERENCE["mnist"] (tests check they agree), p 2
 #: the reference's optimizer (SGD, constant lr) and batch
 REFERENCE_OPTIMIZER = dict(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="constant",
                            batch_size=128)

@@ -475,6 +475,46 @@ def test_wasserstein_trains_on_the_reference_attack_with_its_radius_schedule(bat
         M.WassersteinAT(eps=1.0, steps=10, attack_eps_growth=(0.1, 1.4, 5))
 
 
+def test_wasserstein_reference_presets_are_the_reference_scripts():
+    """adv_training_mnist.py: 50 steps of 0.1, lam 1000, radius 0.1 x1.4 every 5 steps; adv_training_cifar.py:
+    lam 3000, radius 0.01 x1.5 every 5 steps. The schedule's last radius is eps (the reference has no cap)."""
+    from fastadv.attacks.wasserstein import radius_schedule
+    from fastadv.train.cli import add_arguments, build_method
+
+    m = M.WassersteinAT.reference("mnist")
+    assert (m.steps, m.alpha, m.reg, m.kernel_size, m.attack_eps_growth) == (50, 0.1, 1000.0, 5, (0.1, 1.4, 5))
+    c = M.WassersteinAT.reference("cifar10")
+    assert (c.steps, c.reg, c.attack_eps_growth) == (50, 3000.0, (0.01, 1.5, 5))
+    for method, (r0, fac) in ((m, (0.1, 1.4)), (c, (0.01, 1.5))):
+        # growth at steps 5, 10, ..., 45: nine growths in 50 steps
+        assert method.eps == pytest.approx(r0 * fac ** 9)
+        radius_schedule(method.eps, method.steps, method.attack_eps_growth)
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        M.WassersteinAT.reference("imagenet")
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    from wasserstein_training import REFERENCE_TRAINING  # the benchmark trains with the same preset
+
+    assert {k: v for k, v in REFERENCE_TRAINING.items() if k != "p"} == M.WassersteinAT.REFERENCE["mnist"]
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    for argv, want in ((["--method", "wasserstein"], m.describe()),
+                       (["--method", "wasserstein", "--dataset", "mnist", "--steps", "60"],
+                        M.WassersteinAT.reference("mnist", steps=60).describe())):
+        got = build_method(p.parse_args(argv), {}, None).describe()
+        assert got == want, argv
+    # --eps alone: the reference's schedule cannot belong to another radius: fitted to eps and steps
+    got = build_method(p.parse_args(["--method", "wasserstein", "--eps", "0.5"]), {}, None)
+    assert got.attack_eps_growth is None and got.eps == 0.5 and got.reg == 1000.0
+    # steps too few for the reference's schedule to reach its eps: fitted to them
+    got = build_method(p.parse_args(["--method", "wasserstein", "--steps", "20"]), {}, None)
+    assert got.attack_eps_growth is None and got.eps == m.eps and got.steps == 20
+
+
 def test_triplet_picks_nearest_negative():
     a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]])
     ya = torch.tensor([0, 1, 2])

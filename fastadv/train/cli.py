@@ -316,8 +316,26 @@ def build_method(args, d, model_builder):
     if args.method == "ensemble":
         cand["attack"], cand["source"] = args.ensemble_attack, args.ensemble_source
     if args.method == "wasserstein":
-        cand["eps"] = args.eps  # the method's own default (0.1), not the L-inf one
-        cand["alpha"] = args.alpha
+        # the reference script's training attack on MNIST / CIFAR-10 (WassersteinAT.REFERENCE), under the flags
+        # given; never the dataset's L-inf eps/alpha/steps (the method's own defaults elsewhere)
+        from fastadv.train.methods import WassersteinAT
+
+        ref = WassersteinAT.REFERENCE.get({"embedded-mnist": "mnist", "mnist": "mnist",
+                                           "cifar10": "cifar10"}.get(args.dataset), {})
+        cand["eps"] = args.eps if args.eps is not None else ref.get("eps")
+        cand["alpha"] = args.alpha if args.alpha is not None else ref.get("alpha")
+        cand["steps"] = args.steps if args.steps is not None else ref.get("steps")
+        if ref and args.eps is None:
+            # the reference's radius schedule belongs to its eps; kept while it reaches eps in the steps given
+            # (fewer than 45 on MNIST cannot: then the schedule is fitted to eps and steps)
+            from fastadv.attacks.wasserstein import radius_schedule
+
+            try:
+                radius_schedule(cand["eps"], cand["steps"], ref["attack_eps_growth"])
+                cand["attack_eps_growth"] = ref["attack_eps_growth"]
+            except ValueError:
+                pass
+        cand["reg"], cand["kernel_size"] = ref.get("reg"), ref.get("kernel_size")
     if args.method == "free":
         cand["steps"] = None
     extra = parse_method_args(args.method_arg, cls)

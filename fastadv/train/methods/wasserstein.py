@@ -19,29 +19,47 @@ class WassersteinAT(Method):
     curriculum on the largest radius: eps_t = min(eps, eps_start * eps_growth^epoch).
     ``attack_eps_growth`` is the attack's own radius schedule inside each
     call (WassersteinPGD's ``eps_growth``: (initial, factor, every); None
-    fits it to eps and steps). The reference's MNIST training
-    (adv_training_mnist.py) is ``eps=0.1 * 1.4**9, steps=50, alpha=0.1,
-    attack_eps_growth=(0.1, 1.4, 5), reg=1000`` (benchmarks/wasserstein_training.py).
+    fits it to eps and steps).
 
-    Defaults: eps = 0.1 (the paper's CIFAR-10 radius; MNIST is reported at
-    1.0), alpha = 0.1 (the attack's MNIST step), 20 attack steps (the
-    attack's evaluation default is 200: fewer keep a training step
-    affordable). Extra keyword arguments go to WassersteinPGD (kernel_size,
-    p, reg, ...). The inner attack runs as the paper's code does, not with
-    the evaluation defaults: 50 Sinkhorn iterations per projection, every
-    iterate accepted whether or not its projection converged, the [0, 1]
-    clamp after it (``TRAINING_ATTACK``; the evaluation defaults accept only
-    converged points inside ball and box, at 400 iterations and more per
-    projection, about 3x the cost of a training step's attack).
+    The reference's settings, per dataset (``REFERENCE``,
+    ``WassersteinAT.reference(dataset)``; ``fastadv train --method
+    wasserstein`` uses them on MNIST and CIFAR-10 under any flag given):
+    adv_training_mnist.py attacks with 50 steps of alpha 0.1, lam 1000, the
+    radius from 0.1 grown x1.4 every 5 steps (0.1 * 1.4^9 = 2.07 at the
+    last); adv_training_cifar.py with 50 steps of alpha 0.1, lam 3000, from
+    0.01 grown x1.5 every 5 steps (0.384 at the last). Their radius has no
+    cap but the schedule's last value, which is ``eps`` here. Both use 5 x 5
+    windows, p 2, SGD lr 0.1 (momentum 0.9, weight decay 5e-4, constant),
+    batch 128.
+
+    Class defaults (dataset-agnostic): eps = 0.1 (the paper's CIFAR-10
+    evaluation radius), alpha = 0.1, 20 attack steps with the schedule
+    fitted to them (the reference's 50 steps cost 2.5x), lam 3000 (the
+    CIFAR reference's; ``reg``). Other keyword arguments go to
+    WassersteinPGD (p, ...). The inner attack runs as the paper's code
+    does, not with the evaluation defaults: 50 Sinkhorn iterations per
+    projection, every iterate accepted whether or not its projection
+    converged, the [0, 1] clamp after it, one lam (``TRAINING_ATTACK``; the
+    evaluation defaults accept only converged points inside ball and box,
+    at 400 iterations and more per projection, lam 3000 then 1e4, about 3x
+    the cost of a training step's attack).
     """
 
     #: the inner attack's settings (the reference code's), under any given in attack_kwargs
     TRAINING_ATTACK = {"box": "clamp", "sinkhorn_max_iter": 50, "accept_tol": float("inf"), "certify_max_iter": 0}
+    #: the reference scripts' training attack (adv_training_mnist.py, adv_training_cifar.py)
+    REFERENCE = {
+        "mnist": dict(eps=0.1 * 1.4 ** 9, steps=50, alpha=0.1, attack_eps_growth=(0.1, 1.4, 5), reg=1000.0,
+                      kernel_size=5),
+        "cifar10": dict(eps=0.01 * 1.5 ** 9, steps=50, alpha=0.1, attack_eps_growth=(0.01, 1.5, 5), reg=3000.0,
+                        kernel_size=5),
+    }
 
     name = "wasserstein"
 
     def __init__(self, eps: float = 0.1, steps: int = 20, *, alpha: float = 0.1, eps_start: float | None = None,
-                 eps_growth: float = 1.1, attack_eps_growth=None, attack_mode: str = "train", **attack_kwargs):
+                 eps_growth: float = 1.1, attack_eps_growth=None, reg: float = 3000.0, kernel_size: int = 5,
+                 attack_mode: str = "train", **attack_kwargs):
         super().__init__()
         self.eps = _check_pos("eps", eps)
         self.steps = _check_int("steps", steps, 1)
@@ -49,13 +67,23 @@ class WassersteinAT(Method):
         self.eps_start = None if eps_start is None else _check_pos("eps_start", eps_start)
         self.eps_growth = _check_pos("eps_growth", eps_growth, allow_zero=False)
         self.attack_mode = attack_mode
-        self.extra = {**self.TRAINING_ATTACK, **attack_kwargs}
+        self.reg = _check_pos("reg", reg, allow_zero=False)
+        self.kernel_size = _check_int("kernel_size", kernel_size, 1)
+        self.extra = {**self.TRAINING_ATTACK, "reg": self.reg, "kernel_size": self.kernel_size, **attack_kwargs}
+        self.attack_eps_growth = None if attack_eps_growth is None else tuple(attack_eps_growth)
         if attack_eps_growth is not None:
             from fastadv.attacks.wasserstein import radius_schedule
 
             radius_schedule(self.eps, self.steps, attack_eps_growth)  # refuses a schedule that cannot reach eps
-            self.extra["eps_growth"] = attack_eps_growth
+            self.extra["eps_growth"] = self.attack_eps_growth
         self.current_eps = self.eps_target if self.eps_start is None else self.eps_start
+
+    @classmethod
+    def reference(cls, dataset: str, **overrides) -> "WassersteinAT":
+        """The reference script's training attack for ``dataset`` ('mnist' or 'cifar10'), under ``overrides``."""
+        if dataset not in cls.REFERENCE:
+            raise ValueError(f"dataset must be one of {', '.join(cls.REFERENCE)}, got {dataset!r}")
+        return cls(**{**cls.REFERENCE[dataset], **overrides})
 
     def on_epoch(self, epoch, epochs):
         super().on_epoch(epoch, epochs)
