@@ -81,7 +81,7 @@ RUNS = [
     ("iwd", "--method iwd", "IWD attack: 10 steps within IWD budget 0.05", None),
     # trained against another threat model (the Wasserstein ball): its L-inf numbers say what Wasserstein training
     # gives against L-inf; its own threat model is measured by benchmarks/wasserstein_training.py
-    ("wasserstein", "--method wasserstein",
+    ("wasserstein", "--method wasserstein --eps 2.0661046784",  # the reference's radius (0.1 * 1.4^9), not 0.3
      "Wasserstein PGD-50, the reference's MNIST training attack (radius 0.1 x1.4 every 5 steps to 2.07, lam 1000)",
      "Wong et al.: 97% clean, 86% under the Wasserstein attack at radius 1.0"),
     # the papers' MNIST settings, cut only in how much of an epoch is run (Madry: ~83 epochs of batch 50, no ramp;

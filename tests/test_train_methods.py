@@ -507,9 +507,11 @@ def test_wasserstein_reference_presets_are_the_reference_scripts():
                         M.WassersteinAT.reference("mnist", steps=60).describe())):
         got = build_method(p.parse_args(argv), {}, None).describe()
         assert got == want, argv
-    # --eps alone: the reference's schedule cannot belong to another radius: fitted to eps and steps
+    # another eps: the reference's growth capped at it, while the growth reaches it; else fitted
     got = build_method(p.parse_args(["--method", "wasserstein", "--eps", "0.5"]), {}, None)
-    assert got.attack_eps_growth is None and got.eps == 0.5 and got.reg == 1000.0
+    assert got.attack_eps_growth == (0.1, 1.4, 5) and got.eps == 0.5 and got.reg == 1000.0
+    got = build_method(p.parse_args(["--method", "wasserstein", "--eps", "5.0"]), {}, None)
+    assert got.attack_eps_growth is None and got.eps == 5.0
     # steps too few for the reference's schedule to reach its eps: fitted to them
     got = build_method(p.parse_args(["--method", "wasserstein", "--steps", "20"]), {}, None)
     assert got.attack_eps_growth is None and got.eps == m.eps and got.steps == 20

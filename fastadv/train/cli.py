@@ -325,9 +325,9 @@ def build_method(args, d, model_builder):
         cand["eps"] = args.eps if args.eps is not None else ref.get("eps")
         cand["alpha"] = args.alpha if args.alpha is not None else ref.get("alpha")
         cand["steps"] = args.steps if args.steps is not None else ref.get("steps")
-        if ref and args.eps is None:
-            # the reference's radius schedule belongs to its eps; kept while it reaches eps in the steps given
-            # (fewer than 45 on MNIST cannot: then the schedule is fitted to eps and steps)
+        if ref:
+            # the reference's radius growth, capped at eps; kept while it reaches eps in the steps given (its
+            # own eps needs 45 on MNIST; a larger eps or fewer steps cannot: then it is fitted to eps and steps)
             from fastadv.attacks.wasserstein import radius_schedule
 
             try:
