@@ -75,7 +75,7 @@ def paper_mnist_cnn() -> torch.nn.Module:
         torch.nn.Flatten(), torch.nn.Linear(32 * 7 * 7, 100), torch.nn.ReLU(), torch.nn.Linear(100, 10))
 
 
-def train(mnist_root, n_train: int, epochs: int, seed: int, overrides=None) -> tuple[torch.nn.Module, dict]:
+def train(mnist_root, n_train: int, epochs: int, seed: int, overrides=None, init=None) -> tuple[torch.nn.Module, dict]:
     from fastadv.data import load_mnist
     from fastadv.train.methods import WassersteinAT
     from fastadv.train.trainer import TrainConfig, Trainer
@@ -83,6 +83,8 @@ def train(mnist_root, n_train: int, epochs: int, seed: int, overrides=None) -> t
     xs, ys = load_mnist(mnist_root, "train", as_float=True)
     torch.manual_seed(seed)
     model = paper_mnist_cnn()
+    if init is not None:  # more epochs on earlier weights (the optimizer's momentum starts afresh)
+        model.load_state_dict(torch.load(init, map_location="cpu"))
     method = WassersteinAT(**{**REFERENCE_TRAINING, **(overrides or {})})
     cfg = TrainConfig(epochs=epochs, seed=seed, progress=False, plot=False, device="cpu", **REFERENCE_OPTIMIZER)
     out = Trainer(model, method, (xs[:n_train], ys[:n_train]), heldout=None, config=cfg).fit()
@@ -125,6 +127,7 @@ def main(argv=None) -> int:
                         "lam 3000")
     p.add_argument("--exact-check", type=int, default=64, metavar="K",
                    help="check the first K fooled points of each row with an exact OT solver (POT; default 64)")
+    p.add_argument("--init-model", help="train on from this state_dict (pass another --seed for a new order)")
     p.add_argument("--save-model", help="write the trained state_dict here")
     p.add_argument("--load-model", help="attack this state_dict instead of training")
     p.add_argument("--allow-dirty", action="store_true")
@@ -156,7 +159,7 @@ def main(argv=None) -> int:
                     "sha256": hashlib.sha256(open(args.load_model, "rb").read()).hexdigest()}
     else:
         model, training = train(args.mnist, args.train_samples, args.epochs, args.seed,
-                                TRAIN_ATTACKS[args.train_attack])
+                                TRAIN_ATTACKS[args.train_attack], args.init_model)
         if args.save_model:
             torch.save(model.state_dict(), args.save_model)
     train_s = time.perf_counter() - t0
@@ -176,7 +179,9 @@ def main(argv=None) -> int:
                 "training": {"method": "WassersteinAT", "train_attack": args.train_attack,
                              "attack": {**REFERENCE_TRAINING, **TRAIN_ATTACKS[args.train_attack]}, **REFERENCE_OPTIMIZER,
                              "train_samples": args.train_samples, "epochs": args.epochs, "seed": args.seed,
-                             "seconds": train_s, "load_model": args.load_model,
+                             "seconds": train_s, "load_model": args.load_model, "init_model": args.init_model,
+                             "init_sha256": None if not args.init_model else
+                             __import__("hashlib").sha256(open(args.init_model, "rb").read()).hexdigest(),
                              "result": {k: v for k, v in training.items() if k != "history"}},
                 "clean_accuracy_10000": clean_all, "n": args.n, "clean_accuracy_n": correct.float().mean().item(),
                 "eps": EVAL_EPS, "kernel_size": 5, "p": 2, "rows": rows,
