@@ -45,7 +45,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from wasserstein_model import mnist_test_digits  # noqa: E402
+from wasserstein_model import mnist_test_digits, paper_mnist_cnn  # noqa: E402
 
 #: the reference's training attack (adv_training_mnist.py's call of pgd.attack), as WassersteinAT arguments
 REFERENCE_TRAINING = dict(eps=0.1 * 1.4 ** 9, steps=50, alpha=0.1, attack_eps_growth=(0.1, 1.4, 5), reg=1000.0,
@@ -65,14 +65,6 @@ EVAL_SETTINGS = [
                               certify_max_iter=0, box="clamp")),
 ]
 CURVE_RADII = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-
-
-def paper_mnist_cnn() -> torch.nn.Module:
-    """The paper's MNIST CNN (the reference's adv_training_mnist.py / attack_mnist.py ``net``)."""
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 4, stride=2, padding=1), torch.nn.ReLU(),
-        torch.nn.Conv2d(16, 32, 4, stride=2, padding=1), torch.nn.ReLU(),
-        torch.nn.Flatten(), torch.nn.Linear(32 * 7 * 7, 100), torch.nn.ReLU(), torch.nn.Linear(100, 10))
 
 
 def train(mnist_root, n_train: int, epochs: int, seed: int, overrides=None, init=None) -> tuple[torch.nn.Module, dict]:

@@ -6,6 +6,16 @@ import torch
 from fastadv.data import load_mnist
 
 
+def paper_mnist_cnn() -> torch.nn.Module:
+    """The paper's MNIST CNN (locuslab/projected_sinkhorn attack_mnist.py / adv_training_mnist.py ``net``),
+    freshly initialized from the global RNG."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 16, 4, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, 4, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(32 * 7 * 7, 100), torch.nn.ReLU(), torch.nn.Linear(100, 10),
+    )
+
+
 def undefended_cnn(mnist_root, n_train: int = 4000, epochs: int = 2) -> torch.nn.Module:
     """The paper's MNIST architecture (locuslab/projected_sinkhorn attack_mnist.py), Adam 1e-3, batch 128,
     seed 0, on the first ``n_train`` training images for ``epochs`` epochs. The defaults are the small test
@@ -15,11 +25,7 @@ def undefended_cnn(mnist_root, n_train: int = 4000, epochs: int = 2) -> torch.nn
     xs, ys = load_mnist(mnist_root, "train", as_float=True)
     xs, ys = xs[:n_train], ys[:n_train]
     n = xs.shape[0]
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 4, stride=2, padding=1), torch.nn.ReLU(),
-        torch.nn.Conv2d(16, 32, 4, stride=2, padding=1), torch.nn.ReLU(),
-        torch.nn.Flatten(), torch.nn.Linear(32 * 7 * 7, 100), torch.nn.ReLU(), torch.nn.Linear(100, 10),
-    )
+    model = paper_mnist_cnn()
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     for _ in range(epochs):
         perm = torch.randperm(n)
